@@ -1,0 +1,45 @@
+# pubsock: `make run` starts everything locally, `make test` runs every test. Both install what
+# they need: a .venv (pip) and Debian packages (HAProxy, Chromium) through scripts/system-deps.sh.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test test-unit test-integration lint format deploy bench system-deps clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+run: $(STAMP) system-deps
+	$(PY) -m devtools.run
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP) system-deps
+	$(PY) -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+deploy:
+	bash scripts/deploy.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

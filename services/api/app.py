@@ -1,0 +1,205 @@
+"""The publish API as a FastAPI app: `create_app(settings, broker)`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import orjson
+from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.api.bodylimit import BodyLimitMiddleware
+from services.api.metrics import ApiMetrics
+from services.api.models import (
+    Accepted,
+    BatchAccepted,
+    BatchIn,
+    BatchUnavailableBody,
+    ErrorBody,
+    Health,
+    MessageIn,
+    UnavailableBody,
+)
+from services.api.publisher import Publisher
+from services.api.settings import ApiSettings
+from services.core.broker import Broker, BrokerUnavailable, create_broker
+from services.core.channels import CHANNEL_PATTERN, NamespaceLabeler
+from services.core.envelope import Envelope
+from services.core.ids import new_message_id
+
+log = logging.getLogger(__name__)
+
+ChannelPath = Annotated[
+    str, Path(pattern=CHANNEL_PATTERN, max_length=128, description="Channel name, e.g. room:42")
+]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorBody, "description": "data or request body too large"},
+    422: {"model": ErrorBody, "description": "malformed body or channel name"},
+}
+
+
+class AppState:
+    def __init__(self) -> None:
+        self.started = False
+        self.draining = False
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
+    metrics = ApiMetrics()
+    publisher = Publisher(
+        broker or create_broker(settings), metrics, settings.broker_probe_interval_s
+    )
+    state = AppState()
+    labeler = NamespaceLabeler(settings.namespaces)
+    retry_after = {"Retry-After": str(settings.retry_after_s)}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await publisher.start()
+        state.started = True
+        if settings.origins == ["*"]:
+            log.info("CORS and origins: any origin allowed (ALLOWED_ORIGINS=*)")
+        yield
+        state.draining = True
+        await publisher.close()
+
+    app = FastAPI(
+        title="pubsock publish API",
+        version="1",
+        summary="Publish messages to channels; every socket pod delivers them to its subscribers.",
+        lifespan=lifespan,
+    )
+    app.state.pubsock = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    origins = settings.origins
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"] if "*" in origins else origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["Retry-After"],
+        max_age=600,
+    )
+
+    def encode_data(data: Any) -> orjson.Fragment:
+        """The data as compact JSON, once; its size is what MAX_MESSAGE_BYTES limits."""
+        try:
+            encoded = orjson.dumps(data)
+        except orjson.JSONEncodeError as exc:
+            raise HTTPException(422, f"data cannot be encoded as JSON: {exc}") from None
+        if len(encoded) > settings.max_message_bytes:
+            raise HTTPException(
+                413, f"data is {len(encoded)} bytes; the limit is {settings.max_message_bytes}"
+            )
+        return orjson.Fragment(encoded)
+
+    def count(result: str, channels: list[str]) -> None:
+        for channel in channels:
+            metrics.publishes.labels(result, labeler(channel)).inc()
+
+    @app.post(
+        "/v1/channels/{channel}/messages",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            **_ERRORS,
+            503: {
+                "model": UnavailableBody,
+                "description": "Pub/Sub unavailable or not confirming in time: retry with the id",
+            },
+        },
+        summary="Publish one message",
+    )
+    async def publish_message(channel: ChannelPath, message: MessageIn) -> Any:
+        message_id = message.id or new_message_id()
+        try:
+            envelope = Envelope(message_id, channel, encode_data(message.data), _now_ms())
+        except HTTPException:
+            count("rejected", [channel])
+            raise
+        try:
+            await publisher.publish([envelope])
+        except BrokerUnavailable as exc:
+            count("unavailable", [channel])
+            return JSONResponse(
+                {"detail": f"message not confirmed by Pub/Sub: {exc}", "id": message_id},
+                status_code=503,
+                headers=retry_after,
+            )
+        count("accepted", [channel])
+        return Accepted(id=message_id, channel=channel)
+
+    @app.post(
+        "/v1/messages",
+        status_code=202,
+        response_model=BatchAccepted,
+        responses={
+            **_ERRORS,
+            503: {
+                "model": BatchUnavailableBody,
+                "description": "Pub/Sub unavailable: retry the same batch with these ids",
+            },
+        },
+        summary="Publish a batch of messages (all or nothing)",
+    )
+    async def publish_batch(batch: BatchIn) -> Any:
+        if len(batch.messages) > settings.max_batch:
+            raise HTTPException(413, f"at most {settings.max_batch} messages per batch")
+        now = _now_ms()
+        channels = [item.channel for item in batch.messages]
+        try:
+            envelopes = [
+                Envelope(item.id or new_message_id(), item.channel, encode_data(item.data), now)
+                for item in batch.messages
+            ]
+        except HTTPException:
+            count("rejected", channels)
+            raise
+        ids = [envelope.id for envelope in envelopes]
+        try:
+            await publisher.publish(envelopes)
+        except BrokerUnavailable as exc:
+            count("unavailable", channels)
+            return JSONResponse(
+                {"detail": f"batch not confirmed by Pub/Sub: {exc}", "ids": ids},
+                status_code=503,
+                headers=retry_after,
+            )
+        count("accepted", channels)
+        return BatchAccepted(ids=ids)
+
+    @app.get("/healthz", response_model=Health, summary="200 while the process lives")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "starting or draining"}},
+        summary="200 once started, 503 while draining",
+    )
+    async def readyz() -> Any:
+        if state.started and not state.draining:
+            return Health(status="ready")
+        return JSONResponse({"status": "draining" if state.draining else "starting"}, 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    return app

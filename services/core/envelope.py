@@ -1,0 +1,75 @@
+"""The message as it travels through Pub/Sub (binding: other producers publish it too).
+
+Body: UTF-8 JSON `{"id", "channel", "data", "ts", "sub"?}`; attribute `channel`; ordering key =
+channel. Presence announcements share the topic with attribute `kind` = `presence`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from services.core.channels import is_valid_channel
+from services.core.ids import is_valid_message_id
+
+KIND_ATTRIBUTE = "kind"
+CHANNEL_ATTRIBUTE = "channel"
+PRESENCE_KIND = "presence"
+
+
+class InvalidEnvelope(ValueError):
+    """A message on the topic that no client can be given (not JSON, no valid channel, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    id: str
+    channel: str
+    data: Any
+    ts: int
+    sub: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "channel": self.channel,
+            "data": self.data,
+            "ts": self.ts,
+        }
+        if self.sub is not None:
+            body["sub"] = self.sub
+        return orjson.dumps(body)
+
+    def attributes(self) -> dict[str, str]:
+        return {CHANNEL_ATTRIBUTE: self.channel}
+
+
+def decode_envelope(
+    body: bytes, attributes: dict[str, str], fallback_id: str, fallback_ts_ms: int
+) -> Envelope:
+    """Reads a channel message; a missing `id` or `ts` falls back to Pub/Sub's id and time."""
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEnvelope("body is not JSON") from exc
+    if not isinstance(decoded, dict):
+        raise InvalidEnvelope("body is not a JSON object")
+    channel = decoded.get("channel", attributes.get(CHANNEL_ATTRIBUTE))
+    if not is_valid_channel(channel):
+        raise InvalidEnvelope("missing or invalid channel")
+    message_id = decoded.get("id")
+    if message_id is None:
+        message_id = fallback_id
+    elif not is_valid_message_id(message_id):
+        raise InvalidEnvelope("invalid id")
+    ts = decoded.get("ts")
+    if ts is None:
+        ts = fallback_ts_ms
+    elif isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise InvalidEnvelope("invalid ts")
+    sub = decoded.get("sub")
+    if sub is not None and not isinstance(sub, str):
+        raise InvalidEnvelope("invalid sub")
+    return Envelope(id=message_id, channel=channel, data=decoded.get("data"), ts=int(ts), sub=sub)

@@ -1,0 +1,139 @@
+"""The client protocol: parse client frames, build server frames. Written once, used by every pod.
+
+Client frames are small JSON objects; server frames are built as bytes so a message frame is
+encoded once per pod and the same bytes go to every connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from services.core.channels import is_valid_channel
+from services.core.envelope import Envelope
+
+POSITION_MAX_CHARS = 128
+
+
+class ProtocolError(ValueError):
+    """A client frame the server answers with an `error` frame; the connection stays open."""
+
+    def __init__(self, code: str, message: str, channel: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.channel = channel
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    channel: str
+    since: str | None = None
+    presence: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    channel: str
+
+
+ClientFrame = Subscribe | Unsubscribe | Ping | Refresh | PresenceQuery
+
+
+def _channel(frame: dict[str, Any]) -> str:
+    channel = frame.get("channel")
+    if channel is None:
+        raise ProtocolError("bad_request", "missing field: channel")
+    if not is_valid_channel(channel):
+        shown = channel if isinstance(channel, str) and len(channel) <= 200 else None
+        raise ProtocolError("bad_channel", "invalid channel name", shown)
+    return channel
+
+
+def parse_client_frame(raw: str | bytes) -> ClientFrame:
+    """Parses one client frame or raises ProtocolError with the contract's error code."""
+    try:
+        frame = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("bad_request", "frame is not JSON") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("bad_request", "frame is not a JSON object")
+    kind = frame.get("type")
+    if kind == "subscribe":
+        channel = _channel(frame)
+        since = frame.get("since")
+        if since is not None and (
+            not isinstance(since, str) or not 0 < len(since) <= POSITION_MAX_CHARS
+        ):
+            raise ProtocolError("bad_request", "since must be a position string", channel)
+        presence = frame.get("presence", False)
+        if not isinstance(presence, bool):
+            raise ProtocolError("bad_request", "presence must be true or false", channel)
+        return Subscribe(channel, since, presence)
+    if kind == "unsubscribe":
+        return Unsubscribe(_channel(frame))
+    if kind == "ping":
+        return Ping()
+    if kind == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("bad_request", "missing field: token")
+        return Refresh(token)
+    if kind == "presence":
+        return PresenceQuery(_channel(frame))
+    if kind is None:
+        raise ProtocolError("bad_request", "missing field: type")
+    raise ProtocolError("bad_request", "unknown frame type")
+
+
+def message_frame(envelope: Envelope) -> bytes:
+    """The `message` frame of one envelope; built once per pod per message."""
+    frame: dict[str, Any] = {
+        "type": "message",
+        "channel": envelope.channel,
+        "id": envelope.id,
+        "data": envelope.data,
+        "ts": envelope.ts,
+    }
+    if envelope.sub is not None:
+        frame["sub"] = envelope.sub
+    return orjson.dumps(frame)
+
+
+def subscribed_frame(channel: str, position: str, recovered: bool | None) -> bytes:
+    frame: dict[str, Any] = {"type": "subscribed", "channel": channel, "position": position}
+    if recovered is not None:
+        frame["recovered"] = recovered
+    return orjson.dumps(frame)
+
+
+def unsubscribed_frame(channel: str) -> bytes:
+    return orjson.dumps({"type": "unsubscribed", "channel": channel})
+
+
+def pong_frame(pod: str) -> bytes:
+    """`pong`; it also names the pod, so a page can show which pod serves it."""
+    return orjson.dumps({"type": "pong", "pod": pod})
+
+
+def error_frame(code: str, message: str, channel: str | None = None) -> bytes:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if channel is not None:
+        frame["channel"] = channel
+    return orjson.dumps(frame)

@@ -1,0 +1,1 @@
+"""The websocket gateway: one pod's subscription, history, hub and client sessions."""

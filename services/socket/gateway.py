@@ -1,0 +1,182 @@
+"""The pod's listening protocol: plain HTTP requests, then possibly a websocket upgrade on /ws.
+
+One asyncio protocol per TCP connection. It parses request heads itself (keep-alive, bounded
+sizes, timeouts) and answers plain HTTP through `routes`; an upgrade is handed to websockets'
+sans-I/O `ServerProtocol` and the connection becomes a `Session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from websockets.http11 import Request as WsRequest
+from websockets.server import ServerProtocol
+
+from services.socket.http import (
+    HEAD_MAX_BYTES,
+    HttpError,
+    Request,
+    content_length,
+    json_response,
+    parse_head,
+)
+from services.socket.session import Session
+
+if TYPE_CHECKING:
+    from services.socket.pod import Pod
+
+log = logging.getLogger(__name__)
+_ws_logger = logging.getLogger("websockets.server")
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, pod: Pod) -> None:
+        self._pod = pod
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        self._handling = False
+        self.session: Session | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._pod.http_connections.add(self)
+        self._arm(self._pod.settings.http_header_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is not None:
+            try:
+                session.feed(data)
+            except EOFError:  # data after the closing handshake ended the stream
+                session.abort()
+            return
+        self._buffer += data
+        if not self._handling:
+            self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._pod.http_connections.discard(self)
+        if self.session is not None:
+            self.session.connection_lost()
+
+    # -- timers ------------------------------------------------------------------------------
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        if self._transport is not None and self.session is None:
+            self._transport.close()
+
+    # -- HTTP --------------------------------------------------------------------------------
+    def _fail(self, error: HttpError) -> None:
+        assert self._transport is not None
+        self._transport.write(
+            json_response(error.status, {"detail": error.detail}, keep_alive=False)
+        )
+        self._transport.close()
+        self._buffer.clear()
+
+    def _process(self) -> None:
+        """Handles every complete request in the buffer, in order (pipelining allowed)."""
+        transport = self._transport
+        assert transport is not None
+        while self._buffer and not transport.is_closing() and self.session is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > HEAD_MAX_BYTES:
+                    self._fail(HttpError(431, "request head too large"))
+                return
+            head = bytes(self._buffer[: end + 4])
+            try:
+                if end + 4 > HEAD_MAX_BYTES:
+                    raise HttpError(431, "request head too large")
+                request = parse_head(head)
+                length = content_length(request)
+                if length > self._pod.settings.max_request_bytes:
+                    raise HttpError(413, "request body too large")
+            except HttpError as error:
+                self._fail(error)
+                return
+            if len(self._buffer) < end + 4 + length:
+                return  # wait for the rest of the body
+            request.body = bytes(self._buffer[end + 4 : end + 4 + length])
+            del self._buffer[: end + 4 + length]
+            if request.path == "/ws" and request.is_websocket_upgrade:
+                self._upgrade(request, head)
+                return
+            self._answer(request)
+
+    def _answer(self, request: Request) -> None:
+        assert self._transport is not None
+        result = self._pod.routes.handle(request)
+        if asyncio.iscoroutine(result):
+            self._handling = True
+            task = asyncio.get_running_loop().create_task(result)
+            task.add_done_callback(lambda t: self._answered(request, t.result()))
+            self._pod.track(task)
+            return
+        assert isinstance(result, bytes)
+        self._answered(request, result, resume=False)
+
+    def _answered(self, request: Request, payload: bytes, resume: bool = True) -> None:
+        assert self._transport is not None
+        self._handling = False
+        if self._transport.is_closing():
+            return
+        self._transport.write(payload)
+        if not request.keep_alive:
+            self._transport.close()
+            return
+        self._arm(self._pod.settings.http_keepalive_s)
+        if resume and self._buffer:
+            self._process()
+
+    # -- websocket ---------------------------------------------------------------------------
+    def _upgrade(self, request: Request, head: bytes) -> None:
+        assert self._transport is not None
+        transport = self._transport
+        refusal = self._pod.handshake_refusal(request)
+        if refusal is not None:
+            status, reason, detail = refusal
+            self._pod.metrics.handshake_rejections.labels(reason).inc()
+            headers = {"Retry-After": "5"} if status == 503 else None
+            transport.write(
+                json_response(status, {"detail": detail}, headers=headers, keep_alive=False)
+            )
+            transport.close()
+            return
+        protocol = ServerProtocol(max_size=self._pod.settings.max_frame_bytes, logger=_ws_logger)
+        protocol.receive_data(head)
+        events = protocol.events_received()
+        if not events or not isinstance(events[0], WsRequest):
+            self._fail(HttpError(400, "invalid websocket handshake"))
+            return
+        response = protocol.accept(events[0])
+        response.headers["X-Pubsock-Pod"] = self._pod.settings.pod_name
+        protocol.send_response(response)
+        for data in protocol.data_to_send():
+            if data:
+                transport.write(data)
+        if response.status_code != 101:
+            self._pod.metrics.handshake_rejections.labels("invalid").inc()
+            transport.close()
+            return
+        self._disarm()
+        session = Session(self._pod, transport, protocol, sub=None)
+        self.session = session
+        self._pod.session_opened(session)
+        if self._buffer:
+            rest = bytes(self._buffer)
+            self._buffer.clear()
+            session.feed(rest)

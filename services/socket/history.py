@@ -1,0 +1,185 @@
+"""A bounded per-channel history of delivered frames, and the recovery rules built on it.
+
+Recovery must never leave a silent gap. The history knows three things that make that possible:
+- which ids it holds per channel (exact resume after an id, and duplicate detection);
+- `break_seq`: entries received before the last continuity break (the stream died, the pod
+  resubscribed) cannot prove that nothing is missing after them;
+- `complete_from_ms`, and per channel the publish time of the newest evicted entry: the window
+  of publish times for which this pod holds every message, used to resolve `@<ms>` positions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+POSITION_PREFIX = "@"
+
+
+@dataclass(slots=True)
+class Entry:
+    id: str
+    seq: int
+    publish_ms: int
+    frame: bytes  # the websocket frame, ready to write to any connection
+
+
+@dataclass(slots=True)
+class ChannelHistory:
+    entries: deque[Entry] = field(default_factory=deque)
+    index: dict[str, Entry] = field(default_factory=dict)
+    evicted_ms: int = 0  # publish time of the newest entry evicted from this channel
+
+
+class Recovery(NamedTuple):
+    recovered: bool
+    entries: list[Entry]
+
+
+NOT_RECOVERED = Recovery(False, [])
+
+
+def parse_position_ms(position: str) -> int | None:
+    if not position.startswith(POSITION_PREFIX):
+        return None
+    digits = position[1:]
+    if not digits.isdigit() or len(digits) > 15:
+        return None
+    return int(digits)
+
+
+class History:
+    def __init__(
+        self,
+        size: int,
+        age_s: float,
+        max_channels: int,
+        position_slack_ms: int,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.size = size
+        self.age_ms = int(age_s * 1000)
+        self.max_channels = max_channels
+        self.position_slack_ms = position_slack_ms
+        self._clock_ms = clock_ms
+        self._channels: OrderedDict[str, ChannelHistory] = OrderedDict()
+        self._seq = 0
+        self._messages = 0
+        self.break_seq = 0
+        self.complete_from_ms = 2**62  # nothing is complete until the stream starts
+        self.lru_evicted_ms = 0
+        self.watermark_ms = 0  # newest publish time seen
+
+    # -- the stream --------------------------------------------------------------------------
+    def stream_started(self, complete_from_ms: int) -> None:
+        """The pod's stream (re)started; it is complete for messages published from then on.
+
+        Called again after a break: entries received before it can no longer anchor a recovery.
+        """
+        self.break_seq = self._seq + 1
+        self.complete_from_ms = complete_from_ms
+
+    def contains(self, channel: str, message_id: str) -> bool:
+        history = self._channels.get(channel)
+        return history is not None and message_id in history.index
+
+    def append(self, channel: str, message_id: str, publish_ms: int, frame: bytes) -> Entry:
+        history = self._channels.get(channel)
+        if history is None:
+            history = self._channels[channel] = ChannelHistory()
+            if len(self._channels) > self.max_channels:
+                self._evict_channel()
+        else:
+            self._channels.move_to_end(channel)
+        self._seq += 1
+        entry = Entry(message_id, self._seq, publish_ms, frame)
+        history.entries.append(entry)
+        history.index[message_id] = entry
+        self._messages += 1
+        if publish_ms > self.watermark_ms:
+            self.watermark_ms = publish_ms
+        if len(history.entries) > self.size:
+            self._evict_oldest(history)
+        return entry
+
+    def _evict_oldest(self, history: ChannelHistory) -> None:
+        old = history.entries.popleft()
+        del history.index[old.id]
+        self._messages -= 1
+        history.evicted_ms = max(history.evicted_ms, old.publish_ms)
+
+    def _evict_channel(self) -> None:
+        _, history = self._channels.popitem(last=False)
+        self._messages -= len(history.entries)
+        newest = history.entries[-1].publish_ms if history.entries else history.evicted_ms
+        self.lru_evicted_ms = max(self.lru_evicted_ms, newest)
+
+    def expire(self) -> None:
+        """Drops entries older than the age bound; run periodically."""
+        cutoff = self._clock_ms() - self.age_ms
+        for channel in list(self._channels):
+            history = self._channels[channel]
+            while history.entries and history.entries[0].publish_ms < cutoff:
+                self._evict_oldest(history)
+            if not history.entries:
+                del self._channels[channel]
+                self.lru_evicted_ms = max(self.lru_evicted_ms, history.evicted_ms)
+
+    # -- positions and recovery ------------------------------------------------------------
+    def position(self, channel: str) -> str:
+        """Where the channel stands here: its newest id, or `@<now ms>` when no id can anchor."""
+        history = self._channels.get(channel)
+        if history and history.entries and history.entries[-1].seq >= self.break_seq:
+            return history.entries[-1].id
+        return f"{POSITION_PREFIX}{self._clock_ms()}"
+
+    def _complete_after_ms(self, channel: str) -> int:
+        history = self._channels.get(channel)
+        evicted = history.evicted_ms if history is not None else self.lru_evicted_ms
+        return max(self.complete_from_ms, evicted)
+
+    def recover(self, channel: str, since: str) -> Recovery | None:
+        """Everything after `since`, or NOT_RECOVERED; None for an id not seen (yet)."""
+        position_ms = parse_position_ms(since)
+        history = self._channels.get(channel)
+        if position_ms is not None:
+            # A mark without a message: the client saw nothing of the channel after about that
+            # time. Messages in flight then may carry a slightly older publish time, hence the slack.
+            floor = position_ms - self.position_slack_ms
+            if floor < self._complete_after_ms(channel):
+                return NOT_RECOVERED
+            if history is None:
+                return Recovery(True, [])
+            tail: list[Entry] = []
+            for entry in reversed(history.entries):
+                if entry.publish_ms <= floor:
+                    break
+                tail.append(entry)
+            tail.reverse()
+            return Recovery(True, tail)
+        entry = history.index.get(since) if history is not None else None
+        if entry is None:
+            return None
+        if entry.seq < self.break_seq:
+            return NOT_RECOVERED
+        assert history is not None
+        if entry is history.entries[-1]:
+            return Recovery(True, [])
+        tail = []
+        for later in reversed(history.entries):
+            if later is entry:
+                break
+            tail.append(later)
+        tail.reverse()
+        return Recovery(True, tail)
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    @property
+    def message_count(self) -> int:
+        return self._messages

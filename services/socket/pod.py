@@ -1,0 +1,208 @@
+"""A socket pod: owns its subscription, history, hub, sessions and server, and their lifecycle.
+
+Start: open the subscription, start the pump, listen, turn ready.
+Drain (SIGTERM), in this order: `/readyz` 503 at once; keep serving for DRAIN_DELAY_S while the
+load balancer stops sending; stop listening; close sessions with 1012 spread over
+DRAIN_CLOSE_WINDOW_S; stop pulling; delete the subscription; exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import time
+from pathlib import Path
+
+from services.core.broker import Broker, create_broker
+from services.core.channels import NamespaceLabeler
+from services.core.closecodes import CloseCode
+from services.core.settings import origin_allowed
+from services.socket.gateway import Connection
+from services.socket.history import History
+from services.socket.http import Request
+from services.socket.hub import Hub
+from services.socket.metrics import SocketMetrics
+from services.socket.pump import Pump
+from services.socket.routes import Routes
+from services.socket.session import Session
+from services.socket.settings import SocketSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+MAINTENANCE_TICK_S = 1.0
+HISTORY_EXPIRE_EVERY_S = 10.0
+
+
+def subscription_name(pod_name: str) -> str:
+    """`pubsock-<pod>-<random>`: unique per start, so a restarted pod never reuses a backlog."""
+    cleaned = re.sub(r"[^A-Za-z0-9-]", "-", pod_name)[:180] or "pod"
+    return f"pubsock-{cleaned}-{secrets.token_hex(4)}"
+
+
+class Pod:
+    def __init__(self, settings: SocketSettings, broker: Broker | None = None) -> None:
+        self.settings = settings
+        self.metrics = SocketMetrics()
+        self.history = History(
+            size=settings.history_size,
+            age_s=settings.history_age_s,
+            max_channels=settings.history_max_channels,
+            position_slack_ms=settings.position_slack_ms,
+        )
+        self.hub = Hub(self.history, self.metrics, settings.recovery_wait_s)
+        self.routes = Routes(self, Path(settings.web_dir) if settings.web_dir else DEFAULT_WEB_DIR)
+        self.broker = broker or create_broker(settings)
+        self.subscription = self.broker.subscription(
+            subscription_name(settings.pod_name),
+            {"app": "pubsock", "pod": re.sub(r"[^a-z0-9_-]", "-", settings.pod_name.lower())[:63]},
+        )
+        self.pump = Pump(
+            self.subscription,
+            self.history,
+            self.hub,
+            self.metrics,
+            NamespaceLabeler(settings.namespaces),
+        )
+        self.sessions: set[Session] = set()
+        self.http_connections: set[Connection] = set()
+        self.started = False
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._no_sessions = asyncio.Event()
+        self.metrics.ready.set_function(lambda: 1 if self.ready else 0)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.pump.healthy and not self.draining
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def track(self, task: asyncio.Task[object]) -> None:
+        """Keeps a reference to a background task and logs its failure."""
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.broker.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self),
+            self.settings.host,
+            self.settings.port,
+            reuse_address=True,
+            backlog=4096,
+        )
+        await self.pump.open()
+        self.track(loop.create_task(self.pump.run(), name="pump"))
+        self.track(loop.create_task(self._maintain(), name="maintenance"))
+        self.started = True
+        log.info(
+            "socket pod ready",
+            extra={
+                "pod": self.settings.pod_name,
+                "port": self.port,
+                "broker": self.settings.broker,
+            },
+        )
+
+    async def drain(self) -> None:
+        """Graceful shutdown; see the module docstring for the order and why."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining", extra={"sessions": len(self.sessions)})
+        await asyncio.sleep(self.settings.drain_delay_s)
+        if self._server is not None:
+            self._server.close()
+        await self._close_sessions_spread(self.settings.drain_close_window_s)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.subscription.close(delete=True)
+        await self.broker.close()
+        for connection in list(self.http_connections):
+            if connection.session is None and connection._transport is not None:
+                connection._transport.close()
+        log.info("drained")
+
+    async def _close_sessions_spread(self, window_s: float) -> None:
+        """Closes every session with 1012, spread evenly so clients do not all return at once."""
+        sessions = list(self.sessions)
+        if not sessions:
+            return
+        step = window_s / len(sessions)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for index, session in enumerate(sessions):
+            delay = start + index * step - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            session.close(CloseCode.RESTART, "server restarting")
+        if self.sessions:
+            self._no_sessions.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_sessions.wait(), self.settings.close_timeout_s)
+        for session in list(self.sessions):
+            session.abort()
+
+    # -- connections -------------------------------------------------------------------------
+    def handshake_refusal(self, request: Request) -> tuple[int, str, str] | None:
+        """Why a websocket upgrade is refused, as (status, metric reason, detail), or None."""
+        if not self.ready:
+            return 503, "not_ready", "this pod is draining or not ready; try another"
+        if not origin_allowed(request.header("origin"), self.settings.origins):
+            return 403, "origin", "origin not allowed"
+        return None
+
+    def session_opened(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.metrics.connections_opened.inc()
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
+
+    def refresh_gauges(self) -> None:
+        self.metrics.connections.set(len(self.sessions))
+        self.metrics.subscriptions.set(self.hub.subscription_count)
+        self.metrics.history_messages.set(self.history.message_count)
+        self.metrics.history_channels.set(self.history.channel_count)
+
+    async def _maintain(self) -> None:
+        """Once a tick: ping idle sessions, drop dead ones; now and then expire old history."""
+        settings = self.settings
+        next_expiry = time.monotonic() + HISTORY_EXPIRE_EVERY_S
+        while True:
+            await asyncio.sleep(MAINTENANCE_TICK_S)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                if not session.open:
+                    continue
+                if session.ping_sent_at is not None:
+                    if now - session.ping_sent_at > settings.ping_timeout_s:
+                        self.metrics.closes.labels("ping_timeout").inc()
+                        session.abort()
+                elif now - session.last_seen > settings.ping_interval_s:
+                    session.ping_sent_at = now
+                    session.protocol.send_ping(b"pubsock")
+                    for data in session.protocol.data_to_send():
+                        session.transport.write(data)
+            if now >= next_expiry:
+                self.history.expire()
+                next_expiry = now + HISTORY_EXPIRE_EVERY_S
+            self.refresh_gauges()

@@ -1,0 +1,93 @@
+"""Plain HTTP endpoints of a socket pod: health, readiness, metrics, the demo page and client."""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.socket.http import Request, json_response, response
+
+if TYPE_CHECKING:
+    from services.socket.pod import Pod
+
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".ts": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+}
+
+
+class Routes:
+    def __init__(self, pod: Pod, web_dir: Path) -> None:
+        self._pod = pod
+        self._web_dir = web_dir.resolve()
+
+    def handle(self, request: Request) -> bytes | Awaitable[bytes]:
+        keep_alive = request.keep_alive
+        head_only = request.method == "HEAD"
+        pod_header = {"X-Pubsock-Pod": self._pod.settings.pod_name}
+        path = request.path
+        if request.method not in ("GET", "HEAD"):
+            return json_response(
+                405,
+                {"detail": "method not allowed"},
+                keep_alive=keep_alive,
+                headers={"Allow": "GET, HEAD"},
+            )
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"}, keep_alive=keep_alive, headers=pod_header)
+        if path == "/readyz":
+            ready = self._pod.ready
+            return json_response(
+                200 if ready else 503,
+                {
+                    "ready": ready,
+                    "pod": self._pod.settings.pod_name,
+                    "draining": self._pod.draining,
+                },
+                keep_alive=keep_alive,
+                headers=pod_header,
+            )
+        if path == "/metrics":
+            self._pod.refresh_gauges()
+            return response(
+                200,
+                generate_latest(self._pod.metrics.registry),
+                CONTENT_TYPE_LATEST,
+                keep_alive=keep_alive,
+                head_only=head_only,
+            )
+        return self._static(path, keep_alive, head_only, pod_header)
+
+    def _static(
+        self, path: str, keep_alive: bool, head_only: bool, headers: dict[str, str]
+    ) -> bytes:
+        relative = "index.html" if path in ("", "/") else path.lstrip("/")
+        candidate = (self._web_dir / relative).resolve()
+        suffix = candidate.suffix.lower()
+        if (
+            self._web_dir not in candidate.parents
+            or suffix not in _STATIC_TYPES
+            or not candidate.is_file()
+        ):
+            return json_response(404, {"detail": "not found"}, keep_alive=keep_alive)
+        body = candidate.read_bytes()
+        content_type = _STATIC_TYPES.get(suffix) or mimetypes.guess_type(candidate.name)[0]
+        return response(
+            200,
+            body,
+            content_type or "application/octet-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
+            keep_alive=keep_alive,
+            head_only=head_only,
+        )

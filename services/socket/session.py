@@ -1,0 +1,245 @@
+"""One websocket connection: reads client frames, writes server frames within a send budget.
+
+The websocket protocol itself (framing, control frames, the closing handshake) is websockets'
+sans-I/O `ServerProtocol`; this class wires it to an asyncio transport and to the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from services.core.closecodes import CloseCode
+from services.core.protocol import (
+    ClientFrame,
+    Ping,
+    PresenceQuery,
+    ProtocolError,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
+    error_frame,
+    parse_client_frame,
+    pong_frame,
+    subscribed_frame,
+    unsubscribed_frame,
+)
+from services.socket.wsframe import text_frame
+
+if TYPE_CHECKING:
+    from services.socket.pod import Pod
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    __slots__ = (
+        "_allowance",
+        "_backlog",
+        "_busy",
+        "_close_timer",
+        "_fragments",
+        "_pod",
+        "channels",
+        "last_seen",
+        "open",
+        "opened_at",
+        "ping_sent_at",
+        "protocol",
+        "sub",
+        "transport",
+    )
+
+    def __init__(
+        self, pod: Pod, transport: asyncio.Transport, protocol: ServerProtocol, sub: str | None
+    ) -> None:
+        self._pod = pod
+        self.transport = transport
+        self.protocol = protocol
+        self.sub = sub
+        self.channels: set[str] = set()
+        self.open = True
+        self.opened_at = self.last_seen = time.monotonic()
+        self.ping_sent_at: float | None = None
+        self._allowance = pod.settings.send_buffer_max_bytes
+        self._busy = False  # a subscribe is waiting for recovery: later frames queue behind it
+        self._backlog: deque[ClientFrame] = deque()
+        self._fragments: list[bytes] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # -- writing -----------------------------------------------------------------------------
+    def deliver(self, frame: bytes) -> bool:
+        """Writes a live frame unless the unsent data is over budget (then the hub closes us)."""
+        if not self.open:
+            return True
+        transport = self.transport
+        buffered = transport.get_write_buffer_size()
+        if buffered > self._allowance:
+            return False
+        if buffered <= self._pod.settings.send_buffer_max_bytes:
+            self._allowance = self._pod.settings.send_buffer_max_bytes
+        transport.write(frame)
+        return True
+
+    def send(self, payload: bytes) -> None:
+        """A control or replay frame: always written (bounded by what the client asked for)."""
+        if self.open:
+            self.transport.write(text_frame(payload))
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            else:  # the protocol says: end of stream, close TCP
+                self.transport.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        self.ping_sent_at = None
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame):
+                self._on_frame(event)
+        self._flush()
+        if self.protocol.state is State.CLOSING or self.protocol.state is State.CLOSED:
+            self._closing()
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not frame.fin:
+                self._fragments = [frame.data]
+                return
+            self._on_message(frame.data, opcode is Opcode.TEXT)
+        elif opcode is Opcode.CONT and self._fragments is not None:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), None
+                self._on_message(data, True)
+
+    def _on_message(self, data: bytes, is_text: bool) -> None:
+        if not self.open:
+            return
+        try:
+            if not is_text:
+                raise ProtocolError("bad_request", "binary frames are not supported")
+            frame = parse_client_frame(data)
+        except ProtocolError as exc:
+            self.send_error(exc)
+            return
+        if self._busy:
+            self._backlog.append(frame)
+        else:
+            self._handle(frame)
+
+    def send_error(self, exc: ProtocolError) -> None:
+        self._pod.metrics.client_errors.labels(exc.code).inc()
+        self.send(error_frame(exc.code, str(exc), exc.channel))
+
+    def _handle(self, frame: ClientFrame) -> None:
+        if isinstance(frame, Subscribe):
+            self._subscribe(frame)
+        elif isinstance(frame, Unsubscribe):
+            if self._pod.hub.remove(frame.channel, self):
+                self.channels.discard(frame.channel)
+            self.send(unsubscribed_frame(frame.channel))
+        elif isinstance(frame, Ping):
+            self.send(pong_frame(self._pod.settings.pod_name))
+        elif isinstance(frame, Refresh | PresenceQuery):
+            self.send_error(ProtocolError("bad_request", "not supported by this server yet"))
+
+    def _subscribe(self, frame: Subscribe) -> None:
+        channel = frame.channel
+        if channel not in self.channels and (
+            len(self.channels) >= self._pod.settings.max_subscriptions_per_connection
+        ):
+            self.send_error(ProtocolError("limit", "too many subscriptions", channel))
+            return
+        if frame.since is None:
+            self._attach(channel, None)
+            return
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(self._subscribe_since(channel, frame.since))
+        self._pod.track(task)
+
+    async def _subscribe_since(self, channel: str, since: str) -> None:
+        try:
+            recovery = await self._pod.hub.recover(channel, since)
+            if self.open:
+                # No await between taking the history slice and joining the live stream.
+                self._attach(channel, recovery.recovered)
+                for entry in recovery.entries:
+                    self.send_raw(entry.frame)
+                self._allowance = max(self._allowance, self.transport.get_write_buffer_size())
+        finally:
+            self._busy = False
+            while self._backlog and not self._busy and self.open:
+                self._handle(self._backlog.popleft())
+
+    def send_raw(self, frame: bytes) -> None:
+        if self.open:
+            self.transport.write(frame)
+
+    def _attach(self, channel: str, recovered: bool | None) -> None:
+        hub = self._pod.hub
+        hub.remove(channel, self)  # a repeated subscribe starts over from its own `since`
+        hub.add(channel, self)
+        self.channels.add(channel)
+        self.send(subscribed_frame(channel, hub.history.position(channel), recovered))
+
+    # -- closing -----------------------------------------------------------------------------
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Starts the closing handshake; the TCP connection is cut if the client never answers."""
+        if not self.open:
+            return
+        self._detach()
+        self._pod.metrics.closes.labels(str(int(code))).inc()
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(int(code), reason)
+            self._flush()
+        self._arm_close_timer()
+
+    def close_slow(self) -> None:
+        """Over the send budget: close with 1013 and flush what fits; never wait for the client."""
+        if not self.open:
+            return
+        self._pod.metrics.slow_consumer_closes.inc()
+        self.close(CloseCode.TRY_AGAIN_LATER, "too slow to keep up")
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._detach()
+        self.transport.abort()
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(
+                self._pod.settings.close_timeout_s, self.transport.abort
+            )
+
+    def _closing(self) -> None:
+        """The client started or finished the closing handshake."""
+        self._detach()
+        self._arm_close_timer()
+
+    def _detach(self) -> None:
+        if self.open:
+            self.open = False
+            self._pod.hub.remove_all(self.channels, self)
+            self.channels.clear()
+            self._backlog.clear()
+
+    def connection_lost(self) -> None:
+        self._detach()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._pod.session_closed(self)

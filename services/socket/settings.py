@@ -1,0 +1,33 @@
+"""Socket service settings, from the environment."""
+
+from __future__ import annotations
+
+import socket as _socket
+
+from pydantic import Field
+
+from services.core.settings import CommonSettings
+
+
+class SocketSettings(CommonSettings):
+    port: int = Field(8081, ge=0, le=65535)
+    pod_name: str = Field(default_factory=_socket.gethostname)
+    # History: per channel, the newest HISTORY_SIZE messages no older than HISTORY_AGE_S, for at
+    # most HISTORY_MAX_CHANNELS channels (least recently active dropped first).
+    history_size: int = Field(1000, ge=1)
+    history_age_s: float = Field(3600.0, gt=0)
+    history_max_channels: int = Field(10000, ge=1)
+    # A `@<ms>` position is resolved as "everything published after <ms> minus this slack".
+    position_slack_ms: int = Field(2000, ge=0)
+    # How long a subscribe waits for a `since` id that this pod has not received yet.
+    recovery_wait_s: float = Field(2.0, ge=0)
+    send_buffer_max_bytes: int = Field(1024 * 1024, ge=1024)
+    max_frame_bytes: int = Field(65536 + 4096, ge=256)
+    max_subscriptions_per_connection: int = Field(100, ge=1)
+    ping_interval_s: float = Field(20.0, gt=0)
+    ping_timeout_s: float = Field(20.0, gt=0)
+    close_timeout_s: float = Field(5.0, gt=0)
+    http_header_timeout_s: float = Field(10.0, gt=0)
+    drain_close_window_s: float = Field(10.0, ge=0)
+    max_request_bytes: int = Field(1024 * 1024, ge=1)
+    web_dir: str = ""
