@@ -27,7 +27,7 @@ class Publisher:
 
     async def start(self) -> None:
         await self._broker.start()
-        self._metrics.broker_up.set(1 if await self._broker.probe() else 0)
+        self._metrics.broker_up.set(1)  # until a probe or a publish says otherwise
         self._probe_task = asyncio.create_task(self._probe_forever())
 
     async def close(self) -> None:
@@ -42,11 +42,11 @@ class Publisher:
     async def _probe_forever(self) -> None:
         """Keeps `pubsock_broker_up` true while nobody publishes: an idle API still knows."""
         while True:
-            await asyncio.sleep(self._probe_interval_s)
             up = await self._broker.probe()
             if not up:
                 log.warning("Pub/Sub does not answer")
             self._metrics.broker_up.set(1 if up else 0)
+            await asyncio.sleep(self._probe_interval_s)
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         """Publishes every envelope; returns once Pub/Sub confirmed all, else BrokerUnavailable."""

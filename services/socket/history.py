@@ -147,7 +147,7 @@ class History:
         history = self._channels.get(channel)
         if position_ms is not None:
             # A mark without a message: the client saw nothing of the channel after about that
-            # time. Messages in flight then may carry a slightly older publish time, hence the slack.
+            # time. Messages in flight then may carry a slightly older publish time: the slack.
             floor = position_ms - self.position_slack_ms
             if floor < self._complete_after_ms(channel):
                 return NOT_RECOVERED

@@ -58,6 +58,13 @@ class Routes:
                 keep_alive=keep_alive,
                 headers=pod_header,
             )
+        if path == "/config.json":
+            return json_response(
+                200,
+                {"api_base": self._pod.settings.public_api_url, "pod": self._pod.settings.pod_name},
+                keep_alive=keep_alive,
+                headers={**pod_header, "Cache-Control": "no-store"},
+            )
         if path == "/metrics":
             self._pod.refresh_gauges()
             return response(

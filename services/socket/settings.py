@@ -31,3 +31,5 @@ class SocketSettings(CommonSettings):
     drain_close_window_s: float = Field(10.0, ge=0)
     max_request_bytes: int = Field(1024 * 1024, ge=1)
     web_dir: str = ""
+    # Base URL of the publish API as the demo page should call it; empty = same origin (/v1/...).
+    public_api_url: str = ""

@@ -43,6 +43,7 @@ FLOW_CONTROL_MAX_MESSAGES = 2000
 FLOW_CONTROL_MAX_BYTES = 64 * 1024 * 1024
 BATCH_MAX = 500
 ADMIN_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 3.0
 _TRANSIENT = (gexc.GoogleAPICallError, gexc.RetryError, TimeoutError, OSError)
 
 
@@ -245,7 +246,9 @@ class PubSubBroker(Broker):
             return False
         try:
             await _blocking(
-                lambda: publisher.api.get_topic(request={"topic": self._topic_path}, timeout=5.0)
+                lambda: publisher.api.get_topic(
+                    request={"topic": self._topic_path}, retry=None, timeout=PROBE_TIMEOUT_S
+                )
             )
         except (gexc.PermissionDenied, gexc.NotFound, gexc.Forbidden):
             return True  # the service answered; what it said is for the publish to report

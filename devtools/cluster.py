@@ -1,0 +1,422 @@
+"""A local pubsock cluster out of real processes: the Pub/Sub emulator, the api, socket pods and
+HAProxy playing the Google load balancer (cookie affinity, health checks on /readyz, failover).
+
+Every process runs in its own process group and is stopped with its children; ports are freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "local-project"
+TOPIC = "pubsock-messages"
+TOPIC_RETENTION_S = 3600  # = HISTORY_AGE_S: a new pod can fill its whole history window
+AFFINITY_COOKIE = "GCLB"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:  # noqa: ANN001
+    """Polls `predicate` until it is true; raises TimeoutError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def http_status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=1.0).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def emulator_available() -> bool:
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        return False
+    try:
+        root = subprocess.run(
+            [gcloud, "info", "--format=value(installation.sdk_root)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return (Path(root) / "platform" / "pubsub-emulator").is_dir()
+
+
+class Process:
+    """A child process in its own group, logging to a file, stopped with all its children."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = dict(env)
+        self.log_path = log_dir / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+        log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            assert self.popen is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+
+    def wait(self, timeout_s: float) -> int | None:
+        assert self.popen is not None
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+        if self.popen is None:
+            return None
+        self.signal(signal.SIGTERM)
+        code = self.wait(timeout_s)
+        if code is None:
+            self.signal(signal.SIGKILL)
+            code = self.wait(5)
+        with contextlib.suppress(ProcessLookupError):  # stray children of the group
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        return code
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Emulator:
+    def __init__(self, port: int, log_dir: Path) -> None:
+        self.port = port
+        self.host = f"127.0.0.1:{port}"
+        self.process = Process(
+            f"emulator-{port}",
+            [
+                "gcloud",
+                "beta",
+                "emulators",
+                "pubsub",
+                "start",
+                f"--host-port=127.0.0.1:{port}",
+                f"--project={PROJECT}",
+                "--quiet",
+            ],
+            os.environ,
+            log_dir,
+        )
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.process.start()
+        try:
+            wait_until(
+                lambda: port_open(self.port) or not self.process.running,
+                timeout_s,
+                "the Pub/Sub emulator",
+            )
+        except TimeoutError:
+            self.process.stop()
+            raise
+        if not self.process.running:
+            raise RuntimeError(f"the emulator exited:\n{self.process.log_tail()}")
+
+    def stop(self) -> None:
+        self.process.stop(10)
+
+    def create_topic(self, topic: str = TOPIC, retention_s: int = TOPIC_RETENTION_S) -> None:
+        """Creates the topic as `make run` and `make deploy` do: with message retention."""
+        with emulator_env(self.host):
+            from google.api_core.exceptions import AlreadyExists
+            from google.cloud import pubsub_v1
+
+            client = pubsub_v1.PublisherClient()
+            with contextlib.suppress(AlreadyExists):
+                client.create_topic(
+                    request={
+                        "name": f"projects/{PROJECT}/topics/{topic}",
+                        "message_retention_duration": {"seconds": retention_s},
+                    }
+                )
+            client.stop()
+
+
+@contextlib.contextmanager
+def emulator_env(host: str) -> Iterator[None]:
+    previous = os.environ.get("PUBSUB_EMULATOR_HOST")
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = previous
+
+
+@dataclass
+class Service:
+    """An api or socket process on a port."""
+
+    name: str
+    module: str
+    port: int
+    env: dict[str, str]
+    log_dir: Path
+    process: Process = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = Process(
+            self.name, [sys.executable, "-m", self.module], self.env, self.log_dir
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, wait_ready: bool = True, timeout_s: float = 60.0) -> None:
+        self.process.start()
+        if wait_ready:
+            self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        try:
+            wait_until(
+                lambda: not self.process.running or http_status(f"{self.url}/readyz") == 200,
+                timeout_s,
+                f"{self.name} to be ready",
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.process.log_tail()}") from None
+        if not self.process.running:
+            raise RuntimeError(f"{self.name} exited:\n{self.process.log_tail()}")
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 8000
+    pidfile {pidfile}
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 650s
+    timeout server 650s
+    timeout tunnel 3700s
+    timeout http-keep-alive 620s
+    option redispatch
+    retries 3
+
+frontend pubsock
+    bind 127.0.0.1:{port}
+    acl to_api path_beg /v1/
+    use_backend api if to_api
+    default_backend socket
+
+backend api
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server check inter 1s fall 2 rise 1
+{api_servers}
+
+backend socket
+    balance roundrobin
+    cookie {cookie} insert indirect nocache httponly
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server check inter 500ms fall 1 rise 1
+{socket_servers}
+"""
+
+
+class LoadBalancer:
+    """HAProxy in the GCLB's part: `/v1/` to the api, the rest to socket pods with a cookie."""
+
+    def __init__(
+        self, port: int, api_ports: list[int], socket_ports: list[int], work_dir: Path
+    ) -> None:
+        self.port = port
+        self.config_path = work_dir / "haproxy.cfg"
+        api = "\n".join(f"    server api{i} 127.0.0.1:{p}" for i, p in enumerate(api_ports, 1))
+        sockets = "\n".join(
+            f"    server socket-{i} 127.0.0.1:{p} cookie socket-{i}"
+            for i, p in enumerate(socket_ports, 1)
+        )
+        self.config_path.write_text(
+            HAPROXY_CONFIG.format(
+                port=port,
+                pidfile=work_dir / "haproxy.pid",
+                cookie=AFFINITY_COOKIE,
+                api_servers=api,
+                socket_servers=sockets,
+            )
+        )
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.process = Process(
+            "haproxy", [haproxy, "-db", "-f", str(self.config_path)], os.environ, work_dir
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process.start()
+        wait_until(
+            lambda: port_open(self.port) or not self.process.running, 20, "HAProxy to listen"
+        )
+        if not self.process.running:
+            raise RuntimeError(f"HAProxy exited:\n{self.process.log_tail()}")
+
+    def stop(self) -> None:
+        self.process.stop(5)
+
+
+@dataclass
+class ClusterConfig:
+    api_port: int = 8080
+    socket_ports: tuple[int, ...] = (8081, 8082)
+    lb_port: int = 8000
+    emulator_port: int = 8085
+    extra_env: dict[str, str] = field(default_factory=dict)
+    socket_env: dict[str, str] = field(default_factory=dict)
+    api_env: dict[str, str] = field(default_factory=dict)
+    with_lb: bool = True
+
+
+class LocalCluster:
+    """Emulator + topic + api + socket pods (+ HAProxy); stop() undoes everything start() did."""
+
+    def __init__(self, config: ClusterConfig, work_dir: Path | None = None) -> None:
+        self.config = config
+        self._own_dir = work_dir is None
+        self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="pubsock-"))
+        self.emulator = Emulator(config.emulator_port, self.work_dir)
+        base = {
+            **os.environ,
+            "BROKER": "pubsub",
+            "PUBSUB_EMULATOR_HOST": self.emulator.host,
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "PUBSUB_TOPIC": TOPIC,
+            "HOST": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
+            **config.extra_env,
+        }
+        self.api = Service(
+            "api",
+            "services.api",
+            config.api_port,
+            {**base, "PORT": str(config.api_port), **config.api_env},
+            self.work_dir,
+        )
+        self.sockets = [
+            Service(
+                f"socket-{i}",
+                "services.socket",
+                port,
+                {**base, "PORT": str(port), "POD_NAME": f"socket-{i}", **config.socket_env},
+                self.work_dir,
+            )
+            for i, port in enumerate(config.socket_ports, 1)
+        ]
+        self.lb = (
+            LoadBalancer(config.lb_port, [config.api_port], list(config.socket_ports), self.work_dir)
+            if config.with_lb
+            else None
+        )
+
+    def new_socket(self, name: str, port: int, **env: str) -> Service:
+        """Another socket pod on the same emulator (e.g. a cold pod started later)."""
+        return Service(
+            name,
+            "services.socket",
+            port,
+            {**self.sockets[0].env, "PORT": str(port), "POD_NAME": name, **env},
+            self.work_dir,
+        )
+
+    def start(self) -> None:
+        try:
+            self.emulator.start()
+            self.emulator.create_topic()
+            for service in (self.api, *self.sockets):
+                service.start(wait_ready=False)
+            for service in (self.api, *self.sockets):
+                service.wait_ready()
+            if self.lb is not None:
+                self.lb.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.lb is not None:
+            self.lb.stop()
+        for service in (*self.sockets, self.api):
+            service.process.stop()
+        self.emulator.stop()
+        if self._own_dir and not os.environ.get("PUBSOCK_KEEP_LOGS"):
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

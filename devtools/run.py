@@ -1,0 +1,101 @@
+"""`make run`: the whole system on this machine until Ctrl-C or SIGTERM.
+
+The Pub/Sub emulator (topic with retention), one api, two socket pods and HAProxy in front with
+cookie affinity, as the Google load balancer does on GKE. Without the emulator: one process with
+BROKER=memory. Ports: LB_PORT, API_PORT, SOCKET_PORTS, EMULATOR_PORT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from devtools.cluster import ClusterConfig, LocalCluster, emulator_available, port_open
+
+DEMO_ENV = {
+    # make run is a demo: it signs demo users in (see the README; never in production).
+    "DEMO_TOKENS": "1",
+    "DRAIN_DELAY_S": "0",
+    "DRAIN_CLOSE_WINDOW_S": "2",
+}
+
+
+def _ports() -> tuple[int, int, tuple[int, ...], int]:
+    lb = int(os.environ.get("LB_PORT", "8000"))
+    api = int(os.environ.get("API_PORT", "8080"))
+    sockets = tuple(int(p) for p in os.environ.get("SOCKET_PORTS", "8081,8082").split(",") if p)
+    emulator = int(os.environ.get("EMULATOR_PORT", "8085"))
+    return lb, api, sockets, emulator
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def main() -> int:
+    lb_port, api_port, socket_ports, emulator_port = _ports()
+    busy = [p for p in (lb_port, api_port, *socket_ports, emulator_port) if port_open(p)]
+    if busy:
+        print(f"ports already in use: {busy}; set LB_PORT, API_PORT, SOCKET_PORTS, EMULATOR_PORT")
+        return 1
+    if not emulator_available():
+        return run_memory(api_port, socket_ports[0])
+    config = ClusterConfig(
+        api_port=api_port,
+        socket_ports=socket_ports,
+        lb_port=lb_port,
+        emulator_port=emulator_port,
+        extra_env=DEMO_ENV,
+    )
+    cluster = LocalCluster(config)
+    print("starting the Pub/Sub emulator, the api, socket pods and the load balancer ...")
+    cluster.start()
+    print(
+        f"""
+pubsock is running (logs in {cluster.work_dir})
+  demo page        http://127.0.0.1:{lb_port}/          (open it in two tabs)
+  publish API      http://127.0.0.1:{lb_port}/v1/...    (docs: http://127.0.0.1:{api_port}/docs)
+  websocket        ws://127.0.0.1:{lb_port}/ws
+  socket pods      {", ".join(f"http://127.0.0.1:{p}" for p in socket_ports)}
+  emulator         127.0.0.1:{emulator_port} (project local-project, topic pubsock-messages)
+Ctrl-C stops everything.""",
+        flush=True,
+    )
+    try:
+        _wait_for_signal()
+    finally:
+        print("stopping ...", flush=True)
+        cluster.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def run_memory(api_port: int, socket_port: int) -> int:
+    print("the Pub/Sub emulator is not installed: running one process with BROKER=memory")
+    env = {
+        **os.environ,
+        **DEMO_ENV,
+        "BROKER": "memory",
+        "HOST": "127.0.0.1",
+        "API_PORT": str(api_port),
+        "SOCKET_PORT": str(socket_port),
+        "PUBLIC_API_URL": f"http://127.0.0.1:{api_port}",
+    }
+    child = subprocess.Popen([sys.executable, "-m", "devtools.single"], env=env)
+    print(f"  demo page http://127.0.0.1:{socket_port}/   publish API http://127.0.0.1:{api_port}/v1/")
+    try:
+        _wait_for_signal()
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
