@@ -1,1 +1,1 @@
-"""Local tooling shared by `make run`, the tests and the benchmarks: start and stop real processes."""
+"""Local tooling for `make run`, the tests and the benchmarks: start and stop real processes."""

@@ -40,7 +40,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:  # noqa: ANN001
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
     """Polls `predicate` until it is true; raises TimeoutError naming `what` at the deadline."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -376,7 +376,9 @@ class LocalCluster:
             for i, port in enumerate(config.socket_ports, 1)
         ]
         self.lb = (
-            LoadBalancer(config.lb_port, [config.api_port], list(config.socket_ports), self.work_dir)
+            LoadBalancer(
+                config.lb_port, [config.api_port], list(config.socket_ports), self.work_dir
+            )
             if config.with_lb
             else None
         )

@@ -88,7 +88,9 @@ def run_memory(api_port: int, socket_port: int) -> int:
         "PUBLIC_API_URL": f"http://127.0.0.1:{api_port}",
     }
     child = subprocess.Popen([sys.executable, "-m", "devtools.single"], env=env)
-    print(f"  demo page http://127.0.0.1:{socket_port}/   publish API http://127.0.0.1:{api_port}/v1/")
+    print(
+        f"  demo page http://127.0.0.1:{socket_port}/   publish API http://127.0.0.1:{api_port}/v1/"
+    )
     try:
         _wait_for_signal()
     finally:

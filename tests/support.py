@@ -42,7 +42,9 @@ class WsClient:
             frame = orjson.dumps(frame).decode()
         await self.connection.send(frame)
 
-    async def next(self, kind: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    async def next(
+        self, kind: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> dict[str, Any]:
         """The next frame (of `kind`, skipping pongs when another kind is asked for)."""
         async with asyncio.timeout(timeout):
             while True:
@@ -56,7 +58,9 @@ class WsClient:
         await self.send({"type": "subscribe", "channel": channel, **extra})
         return await self.next("subscribed")
 
-    async def messages(self, count: int, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
+    async def messages(
+        self, count: int, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
         return [await self.next("message", timeout) for _ in range(count)]
 
     async def pod(self) -> str:

@@ -145,7 +145,9 @@ async def test_socket_http_errors(cluster):
         assert (await client.get("/", headers={"X-Big": "b" * 20_000})).status_code == 431
         page = await client.get("/")
         assert page.status_code == 200 and "pubsock" in page.text
-        assert (await client.get("/pubsock.js")).headers["content-type"].startswith("text/javascript")
+        assert (
+            (await client.get("/pubsock.js")).headers["content-type"].startswith("text/javascript")
+        )
     with socket.create_connection(("127.0.0.1", cluster.sockets[0].port), timeout=5) as raw:
         raw.sendall(b"GARBAGE\r\n\r\n")
         assert raw.recv(100).startswith(b"HTTP/1.1 400")
@@ -154,7 +156,9 @@ async def test_socket_http_errors(cluster):
 async def test_socket_refuses_foreign_handshake_garbage(cluster):
     """A broken websocket handshake gets an HTTP error, not a session."""
     with socket.create_connection(("127.0.0.1", cluster.sockets[0].port), timeout=5) as raw:
-        raw.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        raw.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
         assert raw.recv(100).startswith(b"HTTP/1.1 400")
 
 

@@ -1,0 +1,121 @@
+"""Hub fan-out and the pump, on the memory broker: one encoding per message, dedup, slow clients."""
+
+from __future__ import annotations
+
+import orjson
+
+from services.core.broker import Delivery
+from services.core.channels import NamespaceLabeler
+from services.core.envelope import Envelope
+from services.socket.history import History
+from services.socket.hub import Hub
+from services.socket.metrics import SocketMetrics
+from services.socket.pump import Pump
+
+
+class FakeSession:
+    def __init__(self, slow: bool = False) -> None:
+        self.frames: list[bytes] = []
+        self.slow = slow
+        self.closed_slow = False
+
+    def deliver(self, frame: bytes) -> bool:
+        if self.slow:
+            return False
+        self.frames.append(frame)
+        return True
+
+    def close_slow(self) -> None:
+        self.closed_slow = True
+
+
+def make_pump() -> tuple[Pump, Hub, History, SocketMetrics]:
+    metrics = SocketMetrics()
+    history = History(100, 60, 100, 0)
+    history.stream_started(0)
+    hub = Hub(history, metrics, recovery_wait_s=0)
+    return (
+        Pump(None, history, hub, metrics, NamespaceLabeler(frozenset({"room"}))),
+        hub,
+        history,
+        metrics,
+    )  # type: ignore[arg-type]
+
+
+def delivery(envelope: Envelope, acks: list[str] | None = None, **attributes: str) -> Delivery:
+    return Delivery(
+        data=envelope.encode(),
+        attributes={"channel": envelope.channel, **attributes},
+        message_id=f"pubsub-{envelope.id}",
+        publish_ms=envelope.ts,
+        ack=(lambda: acks.append(envelope.id)) if acks is not None else (lambda: None),
+    )
+
+
+def test_one_frame_object_goes_to_every_session():
+    pump, hub, _, metrics = make_pump()
+    sessions = [FakeSession() for _ in range(3)]
+    for session in sessions:
+        hub.add("room:1", session)
+    pump.handle(delivery(Envelope("m1", "room:1", {"x": 1}, 1)))
+    frames = [s.frames[0] for s in sessions]
+    assert all(frame is frames[0] for frame in frames)  # encoded once, the same bytes object
+    payload = orjson.loads(frames[0][2:])
+    assert payload == {
+        "type": "message",
+        "channel": "room:1",
+        "id": "m1",
+        "data": {"x": 1},
+        "ts": 1,
+    }
+    assert metrics.frames_sent._value.get() == 3
+
+
+def test_duplicates_are_dropped_and_acked():
+    pump, hub, _, metrics = make_pump()
+    session = FakeSession()
+    hub.add("room:1", session)
+    acks: list[str] = []
+    for _ in range(3):
+        pump.handle(delivery(Envelope("m1", "room:1", 1, 1), acks))
+    assert len(session.frames) == 1
+    assert acks == ["m1"] * 3
+    assert metrics.duplicates_dropped._value.get() == 2
+
+
+def test_slow_session_is_closed_and_others_still_get_the_frame():
+    pump, hub, _, metrics = make_pump()
+    fast, slow, fast2 = FakeSession(), FakeSession(slow=True), FakeSession()
+    for session in (fast, slow, fast2):
+        hub.add("c", session)
+    pump.handle(delivery(Envelope("m1", "c", 1, 1)))
+    assert slow.closed_slow and len(fast.frames) == 1 and len(fast2.frames) == 1
+
+
+def test_presence_and_garbage_never_reach_sessions():
+    pump, hub, history, metrics = make_pump()
+    session = FakeSession()
+    hub.add("c", session)
+    pump.handle(delivery(Envelope("p", "c", 1, 1), kind="presence"))
+    garbage = Delivery(b"nope", {"channel": "c"}, "x", 1, lambda: None)
+    pump.handle(garbage)
+    assert session.frames == [] and history.message_count == 0
+    assert metrics.invalid_messages._value.get() == 1
+
+
+def test_history_only_messages_are_not_sent_live():
+    pump, hub, history, _ = make_pump()
+    session = FakeSession()
+    hub.add("c", session)
+    pump.handle(delivery(Envelope("old", "c", 1, 1)), live=False)
+    assert session.frames == [] and history.contains("c", "old")
+
+
+def test_add_and_remove_count_subscriptions():
+    _, hub, _, _ = make_pump()
+    session = FakeSession()
+    assert hub.add("a", session) and not hub.add("a", session)
+    hub.add("b", session)
+    assert hub.subscription_count == 2
+    hub.remove_all(["a", "b"], session)
+    assert hub.subscription_count == 0 and hub.session_count("a") == 0

@@ -1,0 +1,106 @@
+"""The client protocol parser and the server frames (shared by every pod)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from services.core.envelope import Envelope, InvalidEnvelope, decode_envelope
+from services.core.ids import id_time_ms, is_valid_message_id, new_message_id
+from services.core.protocol import (
+    Ping,
+    PresenceQuery,
+    ProtocolError,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
+    message_frame,
+    parse_client_frame,
+    subscribed_frame,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"type":"subscribe","channel":"room:1"}', Subscribe("room:1")),
+        (
+            '{"type":"subscribe","channel":"a@b.c-d_e","since":"01X","presence":true}',
+            Subscribe("a@b.c-d_e", "01X", True),
+        ),
+        ('{"type":"unsubscribe","channel":"room:1"}', Unsubscribe("room:1")),
+        ('{"type":"ping"}', Ping()),
+        ('{"type":"refresh","token":"t"}', Refresh("t")),
+        ('{"type":"presence","channel":"c"}', PresenceQuery("c")),
+    ],
+)
+def test_parses_every_client_frame(raw, expected):
+    assert parse_client_frame(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("", "bad_request"),
+        ("nope", "bad_request"),
+        ("[]", "bad_request"),
+        ("null", "bad_request"),
+        ('{"channel":"c"}', "bad_request"),
+        ('{"type":"fly"}', "bad_request"),
+        ('{"type":1}', "bad_request"),
+        ('{"type":"subscribe"}', "bad_request"),
+        ('{"type":"subscribe","channel":""}', "bad_channel"),
+        ('{"type":"subscribe","channel":"a b"}', "bad_channel"),
+        ('{"type":"subscribe","channel":"a\\n"}', "bad_channel"),
+        ('{"type":"subscribe","channel":["x"]}', "bad_channel"),
+        ('{"type":"subscribe","channel":"' + "c" * 129 + '"}', "bad_channel"),
+        ('{"type":"subscribe","channel":"c","since":""}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","since":7}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","presence":1}', "bad_request"),
+        ('{"type":"refresh"}', "bad_request"),
+        ('{"type":"refresh","token":""}', "bad_request"),
+    ],
+)
+def test_rejects_bad_frames_with_the_contract_code(raw, code):
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame(raw)
+    assert info.value.code == code
+
+
+def test_message_frame_carries_the_contract_fields():
+    frame = orjson.loads(message_frame(Envelope("id1", "room:1", {"x": [1]}, 5, "ann")))
+    assert frame == {
+        "type": "message", "channel": "room:1", "id": "id1", "data": {"x": [1]}, "ts": 5, "sub": "ann"
+    }  # fmt: skip
+    assert "sub" not in orjson.loads(message_frame(Envelope("i", "c", None, 1)))
+
+
+def test_subscribed_frame_has_recovered_only_when_asked():
+    assert "recovered" not in orjson.loads(subscribed_frame("c", "@1", None))
+    assert orjson.loads(subscribed_frame("c", "@1", False))["recovered"] is False
+
+
+def test_ids_are_time_ordered_and_valid():
+    first, second = new_message_id(), new_message_id()
+    assert is_valid_message_id(first) and len(first) == 26
+    assert id_time_ms(first) is not None and id_time_ms(first) <= id_time_ms(second)
+    assert id_time_ms("0190b2c8-1f4e-7a3b-8c3d-0123456789ab") == 0x0190B2C81F4E
+    assert id_time_ms("12345") is None
+    assert not is_valid_message_id("a b") and not is_valid_message_id("x" * 129)
+
+
+def test_envelope_round_trip_and_fallbacks():
+    envelope = Envelope("id-1", "room:1", {"k": "v"}, 123, "sub-1")
+    assert decode_envelope(envelope.encode(), envelope.attributes(), "pid", 9) == envelope
+    bare = decode_envelope(b'{"data": 1}', {"channel": "c"}, "pubsub-id", 77)
+    assert (bare.id, bare.ts, bare.channel) == ("pubsub-id", 77, "c")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"nope", b"[1]", b'{"data":1}', b'{"channel":"a b"}', b'{"channel":"c","id":"a b"}',
+     b'{"channel":"c","ts":"x"}', b'{"channel":"c","ts":true}', b'{"channel":"c","sub":1}'],
+)  # fmt: skip
+def test_unreadable_envelopes_are_refused(body):
+    with pytest.raises(InvalidEnvelope):
+        decode_envelope(body, {}, "pid", 1)
