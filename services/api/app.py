@@ -1,6 +1,8 @@
-"""The publish API as a FastAPI app: `create_app(settings, broker)`."""
+"""The publish API as a FastAPI app: `create_app(settings, broker)`.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: the request models are built per app from the
+settings (so the OpenAPI schema states the configured limits) and FastAPI must see them.
+"""
 
 import logging
 import time
@@ -9,29 +11,37 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.api.auth import Authenticator, Principal
 from services.api.bodylimit import BodyLimitMiddleware
 from services.api.metrics import ApiMetrics
 from services.api.models import (
     Accepted,
     BatchAccepted,
     BatchIn,
+    BatchItem,
     BatchUnavailableBody,
     ErrorBody,
     Health,
     MessageIn,
+    TokenIn,
+    TokenOut,
     UnavailableBody,
 )
 from services.api.publisher import Publisher
 from services.api.settings import ApiSettings
+from services.core.auth import mint_token
 from services.core.broker import Broker, BrokerUnavailable, create_broker
 from services.core.channels import CHANNEL_PATTERN, NamespaceLabeler
-from services.core.envelope import Envelope
+from services.core.envelope import Envelope, dumps
 from services.core.ids import new_message_id
+from services.core.ratelimit import KeyedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +50,11 @@ ChannelPath = Annotated[
 ]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "no or bad credential"},
+    403: {"model": ErrorBody, "description": "credential not allowed on this channel"},
     413: {"model": ErrorBody, "description": "data or request body too large"},
     422: {"model": ErrorBody, "description": "malformed body or channel name"},
+    429: {"model": ErrorBody, "description": "rate limit; retry after Retry-After seconds"},
 }
 
 
@@ -63,9 +76,21 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
     state = AppState()
     labeler = NamespaceLabeler(settings.namespaces)
     retry_after = {"Retry-After": str(settings.retry_after_s)}
+    authenticate = Authenticator(settings)
+
+    class Batch(BatchIn):
+        messages: list[BatchItem] = Field(min_length=1, max_length=settings.max_batch)
+
+    class TokenRequest(TokenIn):
+        ttl: int = Field(
+            ge=1, le=settings.token_ttl_max_s, description="Seconds, at most TOKEN_TTL_MAX_S."
+        )
+
+    limiter = KeyedLimiter(settings.publish_rate_per_s, settings.publish_burst)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        authenticate.warn_if_open()
         await publisher.start()
         state.started = True
         if settings.origins == ["*"]:
@@ -95,8 +120,8 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
     def encode_data(data: Any) -> orjson.Fragment:
         """The data as compact JSON, once; its size is what MAX_MESSAGE_BYTES limits."""
         try:
-            encoded = orjson.dumps(data)
-        except orjson.JSONEncodeError as exc:
+            encoded = dumps(data)
+        except (TypeError, ValueError, RecursionError) as exc:
             raise HTTPException(422, f"data cannot be encoded as JSON: {exc}") from None
         if len(encoded) > settings.max_message_bytes:
             raise HTTPException(
@@ -107,6 +132,20 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
     def count(result: str, channels: list[str]) -> None:
         for channel in channels:
             metrics.publishes.labels(result, labeler(channel)).inc()
+
+    def admit(principal: Principal, channels: list[str]) -> None:
+        """403 for a channel the credential may not publish to; 429 over the rate limit."""
+        for channel in channels:
+            if not principal.may_publish(channel):
+                count("forbidden", channels)
+                raise HTTPException(403, f"this credential may not publish to {channel}")
+        wait_s = limiter.take(principal.rate_key, len(channels))
+        if wait_s > 0:
+            count("rate_limited", channels)
+            metrics.rate_limited.inc()
+            raise HTTPException(
+                429, "publish rate limit reached", headers={"Retry-After": str(int(wait_s) + 1)}
+            )
 
     @app.post(
         "/v1/channels/{channel}/messages",
@@ -121,10 +160,15 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
         },
         summary="Publish one message",
     )
-    async def publish_message(channel: ChannelPath, message: MessageIn) -> Any:
+    async def publish_message(
+        channel: ChannelPath, message: MessageIn, principal: Principal = Depends(authenticate)
+    ) -> Any:
+        admit(principal, [channel])
         message_id = message.id or new_message_id()
         try:
-            envelope = Envelope(message_id, channel, encode_data(message.data), _now_ms())
+            envelope = Envelope(
+                message_id, channel, encode_data(message.data), _now_ms(), principal.sub
+            )
         except HTTPException:
             count("rejected", [channel])
             raise
@@ -153,14 +197,21 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
         },
         summary="Publish a batch of messages (all or nothing)",
     )
-    async def publish_batch(batch: BatchIn) -> Any:
+    async def publish_batch(batch: Batch, principal: Principal = Depends(authenticate)) -> Any:
         if len(batch.messages) > settings.max_batch:
             raise HTTPException(413, f"at most {settings.max_batch} messages per batch")
         now = _now_ms()
         channels = [item.channel for item in batch.messages]
+        admit(principal, channels)
         try:
             envelopes = [
-                Envelope(item.id or new_message_id(), item.channel, encode_data(item.data), now)
+                Envelope(
+                    item.id or new_message_id(),
+                    item.channel,
+                    encode_data(item.data),
+                    now,
+                    principal.sub,
+                )
                 for item in batch.messages
             ]
         except HTTPException:
@@ -178,6 +229,29 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
             )
         count("accepted", channels)
         return BatchAccepted(ids=ids)
+
+    @app.post(
+        "/v1/tokens",
+        response_model=TokenOut,
+        responses={
+            401: _ERRORS[401],
+            403: {"model": ErrorBody, "description": "needs a publisher key (API_KEYS)"},
+            413: _ERRORS[413],
+            422: _ERRORS[422],
+        },
+        summary="Mint a client token (publisher keys only)",
+    )
+    async def mint(request: TokenRequest, principal: Principal = Depends(authenticate)) -> TokenOut:
+        if principal.kind != "key":
+            raise HTTPException(403, "minting tokens needs a publisher key from API_KEYS")
+        if not settings.token_secret:
+            raise HTTPException(403, "minting tokens needs TOKEN_SECRET on the server")
+        if request.ttl > settings.token_ttl_max_s:
+            raise HTTPException(422, f"ttl over TOKEN_TTL_MAX_S ({settings.token_ttl_max_s})")
+        token, expires_at = mint_token(
+            settings.token_secret, request.sub, request.channels, request.publish, request.ttl
+        )
+        return TokenOut(token=token, expires_at=expires_at)
 
     @app.get("/healthz", response_model=Health, summary="200 while the process lives")
     async def healthz() -> Health:
@@ -198,8 +272,11 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        if status == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): malformed = 422
+            status = 422
+        return JSONResponse({"detail": exc.detail}, status, headers=exc.headers)
 
     return app

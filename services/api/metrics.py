@@ -24,6 +24,9 @@ class ApiMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.rate_limited = Counter(
+            "pubsock_rate_limited_total", "Publish requests refused with 429", registry=r
+        )
         self.in_flight = Gauge(
             "pubsock_publishes_in_flight", "Publish requests waiting for Pub/Sub", registry=r
         )

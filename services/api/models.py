@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from services.core.channels import CHANNEL_PATTERN
@@ -50,6 +52,25 @@ class UnavailableBody(BaseModel):
 class BatchUnavailableBody(BaseModel):
     detail: str
     ids: list[str]
+
+
+Pattern = Annotated[str, Field(pattern=r"^(?:[A-Za-z0-9_.:@-]{1,128}|[A-Za-z0-9_.:@-]{0,127}\*)$")]
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sub: str = Field(min_length=1, max_length=256, description="The subject (user id).")
+    channels: list[Pattern] = Field(
+        max_length=100, description="Channels it may subscribe to; `room:*` matches a prefix."
+    )
+    publish: list[Pattern] = Field(default_factory=list, max_length=100)
+    ttl: int = Field(ge=1, description="Seconds until it expires, at most TOKEN_TTL_MAX_S.")
+
+
+class TokenOut(BaseModel):
+    token: str
+    expires_at: int
 
 
 class Health(BaseModel):

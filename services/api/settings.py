@@ -13,3 +13,6 @@ class ApiSettings(CommonSettings):
     max_batch: int = Field(1000, ge=1)
     broker_probe_interval_s: float = Field(5.0, gt=0)
     retry_after_s: int = Field(2, ge=1)
+    # Per credential (a publisher key, a token's `sub`, or the client address when open).
+    publish_rate_per_s: float = Field(500.0, gt=0)
+    publish_burst: int = Field(1000, ge=1)

@@ -6,6 +6,8 @@ channel. Presence announcements share the topic with attribute `kind` = `presenc
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,32 @@ from services.core.ids import is_valid_message_id
 KIND_ATTRIBUTE = "kind"
 CHANNEL_ATTRIBUTE = "channel"
 PRESENCE_KIND = "presence"
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON. orjson, with the standard library for what it refuses (integers beyond 64
+    bits, lone surrogates): any JSON value a client sends can be delivered."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def loads(raw: bytes) -> Any:
+    """The reverse of `dumps`; raises ValueError on invalid JSON.
+
+    orjson reads integers beyond 64 bits as floats; a body with a run of 19+ digits is read by
+    the standard library instead, so such integers are delivered exactly as posted.
+    """
+    if _LONG_DIGITS.search(raw) is not None:
+        return json.loads(raw)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 class InvalidEnvelope(ValueError):
@@ -40,7 +68,7 @@ class Envelope:
         }
         if self.sub is not None:
             body["sub"] = self.sub
-        return orjson.dumps(body)
+        return dumps(body)
 
     def attributes(self) -> dict[str, str]:
         return {CHANNEL_ATTRIBUTE: self.channel}
@@ -51,8 +79,8 @@ def decode_envelope(
 ) -> Envelope:
     """Reads a channel message; a missing `id` or `ts` falls back to Pub/Sub's id and time."""
     try:
-        decoded = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        decoded = loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidEnvelope("body is not JSON") from exc
     if not isinstance(decoded, dict):
         raise InvalidEnvelope("body is not a JSON object")

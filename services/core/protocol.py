@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from services.core.channels import is_valid_channel
-from services.core.envelope import Envelope
+from services.core.envelope import Envelope, dumps
 
 POSITION_MAX_CHARS = 128
 
@@ -113,7 +113,7 @@ def message_frame(envelope: Envelope) -> bytes:
     }
     if envelope.sub is not None:
         frame["sub"] = envelope.sub
-    return orjson.dumps(frame)
+    return dumps(frame)
 
 
 def subscribed_frame(channel: str, position: str, recovered: bool | None) -> bytes:
@@ -130,6 +130,10 @@ def unsubscribed_frame(channel: str) -> bytes:
 def pong_frame(pod: str) -> bytes:
     """`pong`; it also names the pod, so a page can show which pod serves it."""
     return orjson.dumps({"type": "pong", "pod": pod})
+
+
+def refreshed_frame(expires_at: int) -> bytes:
+    return orjson.dumps({"type": "refreshed", "expires_at": expires_at})
 
 
 def error_frame(code: str, message: str, channel: str | None = None) -> bytes:

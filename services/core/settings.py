@@ -35,6 +35,9 @@ class CommonSettings(BaseSettings):
     drain_delay_s: float = Field(0.0, ge=0)
     publish_timeout_s: float = Field(10.0, gt=0)
     publish_batch_latency_s: float = Field(0.002, ge=0)
+    api_keys: str = ""
+    token_secret: str = ""
+    token_ttl_max_s: int = Field(86400, ge=1)
 
     @model_validator(mode="after")
     def _project_default(self) -> CommonSettings:
@@ -45,6 +48,10 @@ class CommonSettings(BaseSettings):
         if self.broker == "pubsub" and not self.google_cloud_project:
             raise ValueError("GOOGLE_CLOUD_PROJECT is required with BROKER=pubsub")
         return self
+
+    @property
+    def keys(self) -> list[str]:
+        return split_csv(self.api_keys)
 
     @property
     def origins(self) -> list[str]:

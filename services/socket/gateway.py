@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _ws_logger = logging.getLogger("websockets.server")
+
+
+class Refusal(NamedTuple):
+    """Why a websocket upgrade is refused."""
+
+    status: int
+    reason: str  # metric label
+    detail: str
 
 
 class Connection(asyncio.Protocol):
@@ -146,9 +154,9 @@ class Connection(asyncio.Protocol):
     def _upgrade(self, request: Request, head: bytes) -> None:
         assert self._transport is not None
         transport = self._transport
-        refusal = self._pod.handshake_refusal(request)
-        if refusal is not None:
-            status, reason, detail = refusal
+        admission = self._pod.admit(request)
+        if isinstance(admission, Refusal):
+            status, reason, detail = admission
             self._pod.metrics.handshake_rejections.labels(reason).inc()
             headers = {"Retry-After": "5"} if status == 503 else None
             transport.write(
@@ -173,7 +181,7 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self._disarm()
-        session = Session(self._pod, transport, protocol, sub=None)
+        session = Session(self._pod, transport, protocol, admission)
         self.session = session
         self._pod.session_opened(session)
         if self._buffer:

@@ -65,6 +65,11 @@ class SocketMetrics:
             ["code"],
             registry=r,
         )
+        self.floods_closed = Counter(
+            "pubsock_floods_closed_total",
+            "Connections closed with 1013 for flooding after a `limit` error",
+            registry=r,
+        )
         self.delivery_lag = Histogram(
             "pubsock_delivery_lag_seconds",
             "Time from Pub/Sub publish to fan-out on this pod",

@@ -16,11 +16,12 @@ import secrets
 import time
 from pathlib import Path
 
+from services.core.auth import Claims, InvalidToken, verify_token
 from services.core.broker import Broker, create_broker
 from services.core.channels import NamespaceLabeler
 from services.core.closecodes import CloseCode
 from services.core.settings import origin_allowed
-from services.socket.gateway import Connection
+from services.socket.gateway import Connection, Refusal
 from services.socket.history import History
 from services.socket.http import Request
 from services.socket.hub import Hub
@@ -97,6 +98,8 @@ class Pod:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        if not self.settings.token_secret:
+            log.warning("TOKEN_SECRET is empty: websocket clients need no token (open mode)")
         await self.broker.start()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -160,13 +163,23 @@ class Pod:
             session.abort()
 
     # -- connections -------------------------------------------------------------------------
-    def handshake_refusal(self, request: Request) -> tuple[int, str, str] | None:
-        """Why a websocket upgrade is refused, as (status, metric reason, detail), or None."""
+    def admit(self, request: Request) -> Claims | Refusal | None:
+        """The client's claims (None when tokens are off), or why the upgrade is refused."""
         if not self.ready:
-            return 503, "not_ready", "this pod is draining or not ready; try another"
+            return Refusal(503, "not_ready", "this pod is draining or not ready; try another")
         if not origin_allowed(request.header("origin"), self.settings.origins):
-            return 403, "origin", "origin not allowed"
-        return None
+            return Refusal(403, "origin", "origin not allowed")
+        if len(self.sessions) >= self.settings.max_connections:
+            return Refusal(503, "capacity", "this pod is at its connection limit; try another")
+        if not self.settings.token_secret:
+            return None
+        token = request.query_value("token")
+        if not token:
+            return Refusal(401, "no_token", "a token is required: /ws?token=<jwt>")
+        try:
+            return verify_token(token, self.settings.token_secret)
+        except InvalidToken:
+            return Refusal(401, "bad_token", "invalid or expired token")
 
     def session_opened(self, session: Session) -> None:
         self.sessions.add(session)

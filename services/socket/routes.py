@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import mimetypes
+import re
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.core.auth import mint_token
 from services.socket.http import Request, json_response, response
 
 if TYPE_CHECKING:
     from services.socket.pod import Pod
 
+_DEMO_NAME = re.compile(r"^(?=.*\S)[A-Za-z0-9 ._-]{1,40}$")
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -37,6 +41,8 @@ class Routes:
         head_only = request.method == "HEAD"
         pod_header = {"X-Pubsock-Pod": self._pod.settings.pod_name}
         path = request.path
+        if path == "/demo/token" and self._pod.settings.demo_tokens:
+            return self._demo_token(request)
         if request.method not in ("GET", "HEAD"):
             return json_response(
                 405,
@@ -75,6 +81,38 @@ class Routes:
                 head_only=head_only,
             )
         return self._static(path, keep_alive, head_only, pod_header)
+
+    def _demo_token(self, request: Request) -> bytes:
+        """A short-lived token for `demo:*` channels, so the demo page signs in by name alone.
+
+        Only with DEMO_TOKENS=1; anyone can call it, so it is never for production.
+        """
+        keep_alive = request.keep_alive
+        if request.method != "POST":
+            return json_response(
+                405, {"detail": "use POST"}, keep_alive=keep_alive, headers={"Allow": "POST"}
+            )
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return json_response(422, {"detail": "body must be JSON"}, keep_alive=keep_alive)
+        name = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not _DEMO_NAME.match(name):
+            return json_response(
+                422,
+                {"detail": "name: 1-40 letters, digits, spaces, . _ -"},
+                keep_alive=keep_alive,
+            )
+        settings = self._pod.settings
+        token, expires_at = mint_token(
+            settings.token_secret, name.strip(), ["demo:*"], ["demo:*"], settings.demo_token_ttl_s
+        )
+        return json_response(
+            200,
+            {"token": token, "expires_at": expires_at},
+            keep_alive=keep_alive,
+            headers={"Cache-Control": "no-store", "X-Pubsock-Pod": settings.pod_name},
+        )
 
     def _static(
         self, path: str, keep_alive: bool, head_only: bool, headers: dict[str, str]

@@ -16,6 +16,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from services.core.auth import Claims, InvalidToken, verify_token
 from services.core.closecodes import CloseCode
 from services.core.protocol import (
     ClientFrame,
@@ -28,9 +29,11 @@ from services.core.protocol import (
     error_frame,
     parse_client_frame,
     pong_frame,
+    refreshed_frame,
     subscribed_frame,
     unsubscribed_frame,
 )
+from services.core.ratelimit import TokenBucket
 from services.socket.wsframe import text_frame
 
 if TYPE_CHECKING:
@@ -43,27 +46,35 @@ class Session:
     __slots__ = (
         "_allowance",
         "_backlog",
+        "_bucket",
         "_busy",
         "_close_timer",
+        "_dropped",
+        "_expiry_timer",
         "_fragments",
+        "_last_drop_at",
         "_pod",
         "channels",
+        "claims",
         "last_seen",
         "open",
         "opened_at",
         "ping_sent_at",
         "protocol",
-        "sub",
         "transport",
     )
 
     def __init__(
-        self, pod: Pod, transport: asyncio.Transport, protocol: ServerProtocol, sub: str | None
+        self,
+        pod: Pod,
+        transport: asyncio.Transport,
+        protocol: ServerProtocol,
+        claims: Claims | None,
     ) -> None:
         self._pod = pod
         self.transport = transport
         self.protocol = protocol
-        self.sub = sub
+        self.claims = claims
         self.channels: set[str] = set()
         self.open = True
         self.opened_at = self.last_seen = time.monotonic()
@@ -73,6 +84,29 @@ class Session:
         self._backlog: deque[ClientFrame] = deque()
         self._fragments: list[bytes] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        settings = pod.settings
+        self._bucket = TokenBucket(settings.client_frames_per_s, settings.client_frames_burst)
+        self._dropped = 0
+        self._last_drop_at = 0.0
+        self._schedule_expiry()
+
+    @property
+    def sub(self) -> str | None:
+        return self.claims.sub if self.claims is not None else None
+
+    def _schedule_expiry(self) -> None:
+        """Closes with 1008 at the token's expiry, not at the next message."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self.claims is not None:
+            delay_s = max(0.0, self.claims.exp - time.time())
+            self._expiry_timer = asyncio.get_running_loop().call_later(delay_s, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry_timer = None
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     # -- writing -----------------------------------------------------------------------------
     def deliver(self, frame: bytes) -> bool:
@@ -126,7 +160,7 @@ class Session:
                 self._on_message(data, True)
 
     def _on_message(self, data: bytes, is_text: bool) -> None:
-        if not self.open:
+        if not self.open or not self._within_rate():
             return
         try:
             if not is_text:
@@ -139,6 +173,22 @@ class Session:
             self._backlog.append(frame)
         else:
             self._handle(frame)
+
+    def _within_rate(self) -> bool:
+        """Client frames per second: over the budget a `limit` error, still flooding 1013."""
+        now = time.monotonic()
+        if self._bucket.take(1.0, now) == 0.0:
+            if self._dropped and now - self._last_drop_at > 1.0:
+                self._dropped = 0
+            return True
+        self._dropped += 1
+        self._last_drop_at = now
+        if self._dropped == 1:
+            self.send_error(ProtocolError("limit", "too many frames per second"))
+        elif self._dropped > self._pod.settings.client_frames_burst:
+            self._pod.metrics.floods_closed.inc()
+            self.close(CloseCode.TRY_AGAIN_LATER, "too many frames")
+        return False
 
     def send_error(self, exc: ProtocolError) -> None:
         self._pod.metrics.client_errors.labels(exc.code).inc()
@@ -153,11 +203,47 @@ class Session:
             self.send(unsubscribed_frame(frame.channel))
         elif isinstance(frame, Ping):
             self.send(pong_frame(self._pod.settings.pod_name))
-        elif isinstance(frame, Refresh | PresenceQuery):
+        elif isinstance(frame, Refresh):
+            self._refresh(frame.token)
+        elif isinstance(frame, PresenceQuery):
+            if self._forbidden(frame.channel):
+                return
             self.send_error(ProtocolError("bad_request", "not supported by this server yet"))
+
+    def _forbidden(self, channel: str) -> bool:
+        """Sends `forbidden` and returns True when the token does not allow the channel."""
+        if self.claims is None or self.claims.may_subscribe(channel):
+            return False
+        self.send_error(
+            ProtocolError("forbidden", "the token does not allow this channel", channel)
+        )
+        return True
+
+    def _refresh(self, token: str) -> None:
+        secret = self._pod.settings.token_secret
+        if not secret:
+            self.send_error(ProtocolError("bad_request", "this server does not use tokens"))
+            return
+        try:
+            claims = verify_token(token, secret)
+        except InvalidToken:
+            self.send_error(ProtocolError("forbidden", "invalid or expired token"))
+            return
+        if self.claims is not None and claims.sub != self.claims.sub:
+            self.send_error(ProtocolError("forbidden", "the new token is for another sub"))
+            return
+        self.claims = claims
+        self._schedule_expiry()
+        for channel in [c for c in self.channels if not claims.may_subscribe(c)]:
+            self._pod.hub.remove(channel, self)
+            self.channels.discard(channel)
+            self.send(unsubscribed_frame(channel))
+        self.send(refreshed_frame(claims.exp))
 
     def _subscribe(self, frame: Subscribe) -> None:
         channel = frame.channel
+        if self._forbidden(channel):
+            return
         if channel not in self.channels and (
             len(self.channels) >= self._pod.settings.max_subscriptions_per_connection
         ):
@@ -232,6 +318,9 @@ class Session:
         self._arm_close_timer()
 
     def _detach(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         if self.open:
             self.open = False
             self._pod.hub.remove_all(self.channels, self)

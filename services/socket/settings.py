@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket as _socket
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.core.settings import CommonSettings
 
@@ -30,6 +30,17 @@ class SocketSettings(CommonSettings):
     http_header_timeout_s: float = Field(10.0, gt=0)
     drain_close_window_s: float = Field(10.0, ge=0)
     max_request_bytes: int = Field(1024 * 1024, ge=1)
+    max_connections: int = Field(20000, ge=1)
+    client_frames_per_s: float = Field(20.0, gt=0)
+    client_frames_burst: int = Field(40, ge=1)
+    demo_tokens: bool = False
+    demo_token_ttl_s: int = Field(900, ge=10)
     web_dir: str = ""
     # Base URL of the publish API as the demo page should call it; empty = same origin (/v1/...).
     public_api_url: str = ""
+
+    @model_validator(mode="after")
+    def _demo_needs_a_secret(self) -> SocketSettings:
+        if self.demo_tokens and not self.token_secret:
+            raise ValueError("DEMO_TOKENS=1 needs TOKEN_SECRET to sign the demo tokens")
+        return self

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from devtools.cluster import ClusterConfig, LocalCluster, emulator_available, free_port
+from devtools.cluster import ClusterConfig, LocalCluster, Service, emulator_available, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +53,67 @@ def cluster() -> Iterator[LocalCluster]:
 async def api(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=cluster.api.url, timeout=15) as client:
         yield client
+
+
+SECRET = "test-secret-please-change-0123456789abcdef"
+KEYS = ("key-main", "key-rate", "key-mint")
+ORIGIN = "https://good.example"
+
+
+class Secure:
+    """An api and a socket pod with keys, tokens, demo tokens and small limits (same emulator)."""
+
+    def __init__(self, api: Service, socket: Service) -> None:
+        self.api = api
+        self.socket = socket
+
+    def token(self, sub: str = "ann", channels=("room:*",), publish=(), ttl_s: int = 600) -> str:
+        from services.core.auth import mint_token
+
+        return mint_token(SECRET, sub, list(channels), list(publish), ttl_s)[0]
+
+    def ws_url(self, token: str | None) -> str:
+        return self.socket.ws_url + (f"?token={token}" if token else "")
+
+
+@pytest.fixture(scope="module")
+def secure(cluster: LocalCluster) -> Iterator[Secure]:
+    common = {
+        "API_KEYS": ",".join(KEYS),
+        "TOKEN_SECRET": SECRET,
+        "ALLOWED_ORIGINS": ORIGIN,
+        "TOKEN_TTL_MAX_S": "3600",
+    }
+    api_port, socket_port = free_port(), free_port()
+    api = Service(
+        "api-secure",
+        "services.api",
+        api_port,
+        {
+            **cluster.api.env,
+            **common,
+            "PORT": str(api_port),
+            "PUBLISH_RATE_PER_S": "20",
+            "PUBLISH_BURST": "40",
+        },
+        cluster.work_dir,
+    )
+    socket = cluster.new_socket(
+        "socket-secure",
+        socket_port,
+        **common,
+        DEMO_TOKENS="1",
+        DEMO_TOKEN_TTL_S="60",
+        MAX_CONNECTIONS="12",
+        CLIENT_FRAMES_PER_S="5",
+        CLIENT_FRAMES_BURST="10",
+        MAX_SUBSCRIPTIONS_PER_CONNECTION="3",
+    )
+    api.start(wait_ready=False)
+    socket.start()
+    api.wait_ready()
+    try:
+        yield Secure(api, socket)
+    finally:
+        api.process.stop()
+        socket.process.stop()

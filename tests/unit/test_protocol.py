@@ -104,3 +104,14 @@ def test_envelope_round_trip_and_fallbacks():
 def test_unreadable_envelopes_are_refused(body):
     with pytest.raises(InvalidEnvelope):
         decode_envelope(body, {}, "pid", 1)
+
+
+def test_any_json_value_survives_the_round_trip():
+    """Integers beyond 64 bits and lone surrogates: orjson refuses them, the fallback does not."""
+    for data in (10**30, -(10**25), "\ud800 lone", {"deep": [[[[1]]]]}):
+        envelope = Envelope("i", "c", data, 1)
+        decoded = decode_envelope(envelope.encode(), {}, "p", 1)
+        assert decoded.data == data
+        from services.core.envelope import loads
+
+        assert loads(message_frame(decoded))["data"] == data
