@@ -22,6 +22,7 @@ run: $(STAMP) system-deps
 	$(PY) -m devtools.run
 
 test: $(STAMP) system-deps
+	node --test tests/js/
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)
@@ -40,6 +41,10 @@ format: $(STAMP)
 
 deploy:
 	bash scripts/deploy.sh
+
+bench: $(STAMP) system-deps
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

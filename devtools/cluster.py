@@ -370,7 +370,13 @@ class LocalCluster:
                 f"socket-{i}",
                 "services.socket",
                 port,
-                {**base, "PORT": str(port), "POD_NAME": f"socket-{i}", **config.socket_env},
+                {
+                    **base,
+                    "PORT": str(port),
+                    "POD_NAME": f"socket-{i}",
+                    "TOPIC_RETENTION_S": str(TOPIC_RETENTION_S),
+                    **config.socket_env,
+                },
                 self.work_dir,
             )
             for i, port in enumerate(config.socket_ports, 1)

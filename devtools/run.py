@@ -8,6 +8,7 @@ BROKER=memory. Ports: LB_PORT, API_PORT, SOCKET_PORTS, EMULATOR_PORT.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,8 +16,12 @@ import threading
 
 from devtools.cluster import ClusterConfig, LocalCluster, emulator_available, port_open
 
+DEMO_KEY = f"demo-key-{secrets.token_hex(8)}"
 DEMO_ENV = {
     # make run is a demo: it signs demo users in (see the README; never in production).
+    # Fresh credentials every run: a publisher key for curl, a secret for the demo tokens.
+    "API_KEYS": DEMO_KEY,
+    "TOKEN_SECRET": secrets.token_urlsafe(32),
     "DEMO_TOKENS": "1",
     "DRAIN_DELAY_S": "0",
     "DRAIN_CLOSE_WINDOW_S": "2",
@@ -64,6 +69,9 @@ pubsock is running (logs in {cluster.work_dir})
   websocket        ws://127.0.0.1:{lb_port}/ws
   socket pods      {", ".join(f"http://127.0.0.1:{p}" for p in socket_ports)}
   emulator         127.0.0.1:{emulator_port} (project local-project, topic pubsock-messages)
+  publisher key    {DEMO_KEY}
+  try it           curl -X POST -H 'Authorization: Bearer {DEMO_KEY}' -H 'Content-Type: application/json' \
+                     -d '{{"data": {{"text": "hello"}}}}' http://127.0.0.1:{lb_port}/v1/channels/demo:lobby/messages
 Ctrl-C stops everything.""",
         flush=True,
     )

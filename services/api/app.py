@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -271,6 +273,19 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with FastAPI's details, except a batch over MAX_BATCH, which is "too large"."""
+        for error in exc.errors():
+            if error.get("type") == "too_long" and tuple(error.get("loc", ())) == (
+                "body",
+                "messages",
+            ):
+                return JSONResponse(
+                    {"detail": f"at most {settings.max_batch} messages per batch"}, 413
+                )
+        return await request_validation_exception_handler(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

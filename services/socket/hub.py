@@ -11,13 +11,20 @@ import asyncio
 from collections.abc import Iterable
 from typing import Protocol
 
+import orjson
+
 from services.core.ids import id_time_ms
 from services.socket.history import NOT_RECOVERED, Entry, History, Recovery
 from services.socket.metrics import SocketMetrics
+from services.socket.presence import Presence, PresenceEvent
+from services.socket.wsframe import text_frame
 
 
 class Subscriber(Protocol):
     """What the hub needs of a session."""
+
+    @property
+    def sub(self) -> str | None: ...
 
     def deliver(self, frame: bytes) -> bool:
         """Writes a live frame; False when the session is over its send budget."""
@@ -25,10 +32,21 @@ class Subscriber(Protocol):
 
     def close_slow(self) -> None: ...
 
+    def wants_presence(self, channel: str) -> bool: ...
+
+    def send_raw(self, frame: bytes) -> None: ...
+
 
 class Hub:
-    def __init__(self, history: History, metrics: SocketMetrics, recovery_wait_s: float) -> None:
+    def __init__(
+        self,
+        history: History,
+        metrics: SocketMetrics,
+        recovery_wait_s: float,
+        presence: Presence | None = None,
+    ) -> None:
         self.history = history
+        self.presence = presence
         self._metrics = metrics
         self._recovery_wait_s = recovery_wait_s
         self._channels: dict[str, set[Subscriber]] = {}
@@ -67,6 +85,8 @@ class Hub:
             return False
         sessions.add(session)
         self.subscription_count += 1
+        if self.presence is not None:
+            self.presence.joined(channel, session.sub)
         return True
 
     def remove(self, channel: str, session: Subscriber) -> bool:
@@ -75,6 +95,8 @@ class Hub:
             return False
         sessions.discard(session)
         self.subscription_count -= 1
+        if self.presence is not None:
+            self.presence.left(channel, session.sub)
         if not sessions:
             del self._channels[channel]
         return True
@@ -115,6 +137,20 @@ class Hub:
             return False
         # Older than what this pod has already processed (minus clock slack): it is not coming.
         return created_ms >= self.history.watermark_ms - self.history.position_slack_ms
+
+    def presence_events(self, events: list[PresenceEvent]) -> None:
+        """join/leave frames to the sessions that asked for presence on those channels."""
+        for channel, kind, sub in events:
+            sessions = self._channels.get(channel)
+            if not sessions:
+                continue
+            frame = text_frame(orjson.dumps({"type": kind, "channel": channel, "sub": sub}))
+            for session in sessions:
+                if session.wants_presence(channel):
+                    session.send_raw(frame)
+
+    def all_sessions(self) -> set[Subscriber]:
+        return {s for sessions in self._channels.values() for s in sessions}
 
     def session_count(self, channel: str) -> int:
         sessions = self._channels.get(channel)

@@ -44,6 +44,21 @@ class SocketMetrics:
             "Times the subscription stream ended and was reopened",
             registry=r,
         )
+        self.deaf = Counter(
+            "pubsock_deaf_total",
+            "Times the pod stopped hearing its own presence announcements and resubscribed",
+            registry=r,
+        )
+        self.unprovable_breaks = Counter(
+            "pubsock_unprovable_breaks_total",
+            "Stream breaks where messages may be missing (sessions closed with 1013)",
+            registry=r,
+        )
+        self.presence_announcements = Counter(
+            "pubsock_presence_announcements_total",
+            "Presence announcements this pod published",
+            registry=r,
+        )
         self.connections_opened = Counter(
             "pubsock_connections_opened_total", "Websocket connections accepted", registry=r
         )

@@ -1,6 +1,7 @@
 """A socket pod: owns its subscription, history, hub, sessions and server, and their lifecycle.
 
-Start: open the subscription, start the pump, listen, turn ready.
+Start: listen, create the subscription (seeked back for the warm start), start the pump and
+presence, wait until the retained backlog is in history, turn ready.
 Drain (SIGTERM), in this order: `/readyz` 503 at once; keep serving for DRAIN_DELAY_S while the
 load balancer stops sending; stop listening; close sessions with 1012 spread over
 DRAIN_CLOSE_WINDOW_S; stop pulling; delete the subscription; exit.
@@ -26,6 +27,7 @@ from services.socket.history import History
 from services.socket.http import Request
 from services.socket.hub import Hub
 from services.socket.metrics import SocketMetrics
+from services.socket.presence import Presence
 from services.socket.pump import Pump
 from services.socket.routes import Routes
 from services.socket.session import Session
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 MAINTENANCE_TICK_S = 1.0
 HISTORY_EXPIRE_EVERY_S = 10.0
+WARM_QUIET_S = 0.3
 
 
 def subscription_name(pod_name: str) -> str:
@@ -54,9 +57,18 @@ class Pod:
             max_channels=settings.history_max_channels,
             position_slack_ms=settings.position_slack_ms,
         )
-        self.hub = Hub(self.history, self.metrics, settings.recovery_wait_s)
-        self.routes = Routes(self, Path(settings.web_dir) if settings.web_dir else DEFAULT_WEB_DIR)
         self.broker = broker or create_broker(settings)
+        self.hub = Hub(self.history, self.metrics, settings.recovery_wait_s)
+        self.presence = Presence(
+            settings.pod_name,
+            self.broker,
+            interval_s=settings.presence_interval_s,
+            snapshot_s=settings.presence_snapshot_s,
+            ttl_s=settings.presence_ttl_s,
+            on_events=self.hub.presence_events,
+        )
+        self.hub.presence = self.presence
+        self.routes = Routes(self, Path(settings.web_dir) if settings.web_dir else DEFAULT_WEB_DIR)
         self.subscription = self.broker.subscription(
             subscription_name(settings.pod_name),
             {"app": "pubsock", "pod": re.sub(r"[^a-z0-9_-]", "-", settings.pod_name.lower())[:63]},
@@ -67,6 +79,9 @@ class Pod:
             self.hub,
             self.metrics,
             NamespaceLabeler(settings.namespaces),
+            on_announcement=self.presence.on_announcement,
+            on_unprovable_break=self._unprovable_break,
+            warm_window_ms=int(min(settings.history_age_s, settings.topic_retention_s) * 1000),
         )
         self.sessions: set[Session] = set()
         self.http_connections: set[Connection] = set()
@@ -79,7 +94,10 @@ class Pod:
 
     @property
     def ready(self) -> bool:
-        return self.started and self.pump.healthy and not self.draining
+        """Started (subscription open, warm start done) and not draining. A broker outage does
+        not count: every pod shares it, and emptying the load balancer would only turn 503s
+        into 502s (the outage shows in `pubsock_broker_up`)."""
+        return self.started and not self.draining
 
     @property
     def port(self) -> int:
@@ -111,6 +129,9 @@ class Pod:
         )
         await self.pump.open()
         self.track(loop.create_task(self.pump.run(), name="pump"))
+        self.track(loop.create_task(self.presence.run(), name="presence"))
+        await self._warm_start()
+        self.presence.last_own_heard = time.monotonic()
         self.track(loop.create_task(self._maintain(), name="maintenance"))
         self.started = True
         log.info(
@@ -119,8 +140,35 @@ class Pod:
                 "pod": self.settings.pod_name,
                 "port": self.port,
                 "broker": self.settings.broker,
+                "history_messages": self.history.message_count,
             },
         )
+
+    async def _warm_start(self) -> None:
+        """Waits until the retained messages replayed to the new subscription are in history.
+
+        Our first presence announcement marks the end of the backlog; then a short quiet spell.
+        Bounded by WARM_START_TIMEOUT_S either way.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.warm_start_timeout_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.presence.own_heard.wait(), self.settings.warm_start_timeout_s
+            )
+        # A quiet spell is a duration by nature: poll for it, bounded by the deadline.
+        while (  # noqa: ASYNC110
+            loop.time() < deadline and time.monotonic() - self.pump.last_delivery_at < WARM_QUIET_S
+        ):
+            await asyncio.sleep(WARM_QUIET_S / 4)
+        log.info("warm start done", extra={"history_messages": self.history.message_count})
+
+    def _unprovable_break(self) -> None:
+        """Messages may be missing for everyone connected: close them with 1013 so they come
+        back with `since` and learn `recovered: false` instead of living with a silent gap."""
+        self.metrics.unprovable_breaks.inc()
+        for session in list(self.sessions):
+            session.close(CloseCode.TRY_AGAIN_LATER, "stream interrupted; resume with since")
 
     async def drain(self) -> None:
         """Graceful shutdown; see the module docstring for the order and why."""
@@ -135,8 +183,12 @@ class Pod:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.subscription.close(delete=True)
-        await self.broker.close()
+        try:
+            async with asyncio.timeout(self.settings.shutdown_cleanup_s):
+                await self.subscription.close(delete=True)
+                await self.broker.close()
+        except TimeoutError:
+            log.warning("cleanup timed out; the subscription expires after a day unused")
         for connection in list(self.http_connections):
             if connection.session is None and connection._transport is not None:
                 connection._transport.close()
@@ -206,7 +258,9 @@ class Pod:
             for session in list(self.sessions):
                 if not session.open:
                     continue
-                if session.ping_sent_at is not None:
+                if now >= session.max_age_at:
+                    session.close(CloseCode.RESTART, "maximum connection age")
+                elif session.ping_sent_at is not None:
                     if now - session.ping_sent_at > settings.ping_timeout_s:
                         self.metrics.closes.labels("ping_timeout").inc()
                         session.abort()
@@ -218,4 +272,12 @@ class Pod:
             if now >= next_expiry:
                 self.history.expire()
                 next_expiry = now + HISTORY_EXPIRE_EVERY_S
+            if self.pump.healthy and now - self.presence.last_own_heard > settings.deaf_after_s:
+                log.warning(
+                    "deaf: our own presence announcements stopped coming back; resubscribing",
+                    extra={"silent_s": round(now - self.presence.last_own_heard, 1)},
+                )
+                heard_ms = int((time.time() - (now - self.presence.last_own_heard)) * 1000)
+                self.presence.last_own_heard = now  # one restart per silence
+                self.track(asyncio.get_running_loop().create_task(self.pump.restart_deaf(heard_ms)))
             self.refresh_gauges()

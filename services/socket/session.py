@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+import orjson
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -57,9 +59,11 @@ class Session:
         "channels",
         "claims",
         "last_seen",
+        "max_age_at",
         "open",
         "opened_at",
         "ping_sent_at",
+        "presence_channels",
         "protocol",
         "transport",
     )
@@ -76,8 +80,13 @@ class Session:
         self.protocol = protocol
         self.claims = claims
         self.channels: set[str] = set()
+        self.presence_channels: set[str] = set()
         self.open = True
         self.opened_at = self.last_seen = time.monotonic()
+        # Closed with 1012 at this age (jitter ±10 %), before the load balancer's backend
+        # timeout cuts it mid-stream.
+        age_s = pod.settings.max_connection_age_s
+        self.max_age_at = self.opened_at + age_s * random.uniform(0.9, 1.1)
         self.ping_sent_at: float | None = None
         self._allowance = pod.settings.send_buffer_max_bytes
         self._busy = False  # a subscribe is waiting for recovery: later frames queue behind it
@@ -200,6 +209,7 @@ class Session:
         elif isinstance(frame, Unsubscribe):
             if self._pod.hub.remove(frame.channel, self):
                 self.channels.discard(frame.channel)
+                self.presence_channels.discard(frame.channel)
             self.send(unsubscribed_frame(frame.channel))
         elif isinstance(frame, Ping):
             self.send(pong_frame(self._pod.settings.pod_name))
@@ -208,7 +218,15 @@ class Session:
         elif isinstance(frame, PresenceQuery):
             if self._forbidden(frame.channel):
                 return
-            self.send_error(ProtocolError("bad_request", "not supported by this server yet"))
+            count, members = self._pod.presence.count(frame.channel)
+            reply: dict[str, object] = {
+                "type": "presence",
+                "channel": frame.channel,
+                "count": count,
+            }
+            if len(members) <= self._pod.settings.presence_members_max:
+                reply["members"] = [{"sub": sub} for sub in members]
+            self.send(orjson.dumps(reply))
 
     def _forbidden(self, channel: str) -> bool:
         """Sends `forbidden` and returns True when the token does not allow the channel."""
@@ -237,6 +255,7 @@ class Session:
         for channel in [c for c in self.channels if not claims.may_subscribe(c)]:
             self._pod.hub.remove(channel, self)
             self.channels.discard(channel)
+            self.presence_channels.discard(channel)
             self.send(unsubscribed_frame(channel))
         self.send(refreshed_frame(claims.exp))
 
@@ -249,6 +268,10 @@ class Session:
         ):
             self.send_error(ProtocolError("limit", "too many subscriptions", channel))
             return
+        if frame.presence:
+            self.presence_channels.add(channel)
+        else:
+            self.presence_channels.discard(channel)
         if frame.since is None:
             self._attach(channel, None)
             return
@@ -269,6 +292,9 @@ class Session:
             self._busy = False
             while self._backlog and not self._busy and self.open:
                 self._handle(self._backlog.popleft())
+
+    def wants_presence(self, channel: str) -> bool:
+        return channel in self.presence_channels
 
     def send_raw(self, frame: bytes) -> None:
         if self.open:
@@ -325,6 +351,7 @@ class Session:
             self.open = False
             self._pod.hub.remove_all(self.channels, self)
             self.channels.clear()
+            self.presence_channels.clear()
             self._backlog.clear()
 
     def connection_lost(self) -> None:

@@ -30,6 +30,18 @@ class SocketSettings(CommonSettings):
     http_header_timeout_s: float = Field(10.0, gt=0)
     drain_close_window_s: float = Field(10.0, ge=0)
     max_request_bytes: int = Field(1024 * 1024, ge=1)
+    max_connection_age_s: float = Field(3300.0, gt=0)
+    presence_interval_s: float = Field(1.0, gt=0)
+    presence_snapshot_s: float = Field(10.0, gt=0)
+    presence_ttl_s: float = Field(30.0, gt=0)
+    presence_members_max: int = Field(100, ge=0)
+    # The pod hears its own presence announcements; none for this long means it is deaf.
+    deaf_after_s: float = Field(10.0, gt=0)
+    # Topic message retention as created by `make run`/`make deploy` (0 = none): a new pod's
+    # history is complete back to min(this, HISTORY_AGE_S) after its warm start.
+    topic_retention_s: float = Field(0.0, ge=0)
+    warm_start_timeout_s: float = Field(15.0, ge=0)
+    shutdown_cleanup_s: float = Field(10.0, gt=0)
     max_connections: int = Field(20000, ge=1)
     client_frames_per_s: float = Field(20.0, gt=0)
     client_frames_burst: int = Field(40, ge=1)

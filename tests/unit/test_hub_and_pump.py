@@ -14,6 +14,8 @@ from services.socket.pump import Pump
 
 
 class FakeSession:
+    sub = None
+
     def __init__(self, slow: bool = False) -> None:
         self.frames: list[bytes] = []
         self.slow = slow
@@ -34,12 +36,9 @@ def make_pump() -> tuple[Pump, Hub, History, SocketMetrics]:
     history = History(100, 60, 100, 0)
     history.stream_started(0)
     hub = Hub(history, metrics, recovery_wait_s=0)
-    return (
-        Pump(None, history, hub, metrics, NamespaceLabeler(frozenset({"room"}))),
-        hub,
-        history,
-        metrics,
-    )  # type: ignore[arg-type]
+    pump = Pump(None, history, hub, metrics, NamespaceLabeler(frozenset({"room"})))  # type: ignore[arg-type]
+    pump.live_from_ms = 0
+    return pump, hub, history, metrics
 
 
 def delivery(envelope: Envelope, acks: list[str] | None = None, **attributes: str) -> Delivery:
@@ -107,7 +106,8 @@ def test_history_only_messages_are_not_sent_live():
     pump, hub, history, _ = make_pump()
     session = FakeSession()
     hub.add("c", session)
-    pump.handle(delivery(Envelope("old", "c", 1, 1)), live=False)
+    pump.live_from_ms = 10  # published (ts 1) before the subscription existed: warm start replay
+    pump.handle(delivery(Envelope("old", "c", 1, 1)))
     assert session.frames == [] and history.contains("c", "old")
 
 

@@ -30,7 +30,7 @@ frame_like = st.fixed_dictionaries(
         "token": json_values,
     },
 )
-EXAMPLES = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def check(raw: bytes | str) -> None:

@@ -39,20 +39,35 @@ async def test_publish_reaches_a_websocket_client(pod_and_api):
     assert frame["data"] == "hi" and frame["id"] == response.json()["id"]
 
 
-async def test_stream_break_makes_recovery_say_false(pod_and_api):
-    """After the stream broke, an id from before the break cannot anchor a recovery."""
+async def test_a_resumed_stream_loses_nothing(pod_and_api):
+    """The stream ends but the subscription lives: resume it, no break, recovery still exact."""
     pod, api, broker = pod_and_api
     client = await WsClient.connect(f"ws://127.0.0.1:{pod.port}/ws")
     await client.subscribe("c")
     before = (await api.post("/v1/channels/c/messages", json={"data": 1})).json()["id"]
     await client.next("message")
-    breaks = pod.metrics.stream_breaks._value.get()
     pod.subscription.break_stream()  # type: ignore[attr-defined]
-    async with asyncio.timeout(5):
-        while pod.metrics.stream_breaks._value.get() == breaks or not pod.pump.healthy:
-            await asyncio.sleep(0.01)
-    frame = await client.subscribe("c", since=before)
-    assert frame["recovered"] is False
+    during = (await api.post("/v1/channels/c/messages", json={"data": 2})).json()["id"]
+    assert (await client.next("message"))["id"] == during
+    assert pod.metrics.stream_breaks._value.get() == 1
+    again = await WsClient.connect(f"ws://127.0.0.1:{pod.port}/ws")
+    assert (await again.subscribe("c", since=before))["recovered"] is True
+
+
+async def test_a_vanished_subscription_is_an_unprovable_break(pod_and_api):
+    """The subscription is gone (expired, deleted): it is recreated, sessions are closed with
+    1013, and an id from before the break no longer anchors a recovery."""
+    pod, api, broker = pod_and_api
+    client = await WsClient.connect(f"ws://127.0.0.1:{pod.port}/ws")
+    await client.subscribe("c")
+    before = (await api.post("/v1/channels/c/messages", json={"data": 1})).json()["id"]
+    await client.next("message")
+    broker._subscriptions.clear()  # what an expiry or a deletion does
+    pod.subscription.break_stream()  # type: ignore[attr-defined]
+    assert await client.wait_closed(5) == 1013
+    again = await WsClient.connect(f"ws://127.0.0.1:{pod.port}/ws")
+    assert (await again.subscribe("c", since=before))["recovered"] is False
+    assert pod.metrics.unprovable_breaks._value.get() == 1
 
 
 async def test_api_503_when_the_broker_is_unavailable(pod_and_api):

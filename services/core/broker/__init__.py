@@ -44,16 +44,30 @@ class Delivery:
     ack: Callable[[], None]
 
 
+@dataclass(frozen=True, slots=True)
+class OpenResult:
+    complete_from_ms: int  # every message published from then on will be delivered
+    created: bool  # the subscription did not exist (first start, or it vanished)
+
+
 class Subscription(abc.ABC):
     """One pod's own subscription to the topic: every message, in per-key order."""
 
     @abc.abstractmethod
-    async def open(self) -> int:
-        """Creates the subscription if missing and starts delivery.
+    async def open(self) -> OpenResult:
+        """Creates the subscription if missing and (re)starts delivery.
 
-        Returns the wall time (ms since the epoch) from which this pod's stream is complete:
-        every message published after it will be delivered.
+        Reopening an existing subscription loses nothing: unacknowledged messages come again.
         """
+
+    @abc.abstractmethod
+    async def seek_to(self, time_ms: int) -> bool:
+        """Replays what the topic retained since `time_ms`; False where seek is unsupported
+        (the emulator answers 501, but replays every retained message to a new subscription)."""
+
+    @abc.abstractmethod
+    async def restart_stream(self) -> None:
+        """Ends the current stream (`next_batch` raises StreamBroken), e.g. when it went deaf."""
 
     @abc.abstractmethod
     async def next_batch(self) -> list[Delivery]:

@@ -13,6 +13,7 @@ from services.core.broker import (
     Broker,
     BrokerUnavailable,
     Delivery,
+    OpenResult,
     OutgoingMessage,
     StreamBroken,
     Subscription,
@@ -30,9 +31,16 @@ class MemorySubscription(Subscription):
         self._inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self.deleted = False
 
-    async def open(self) -> int:
+    async def open(self) -> OpenResult:
+        created = self.name not in self._broker._subscriptions
         self._broker._subscriptions[self.name] = self
-        return int(time.time() * 1000)
+        return OpenResult(int(time.time() * 1000), created)
+
+    async def seek_to(self, time_ms: int) -> bool:
+        return False
+
+    async def restart_stream(self) -> None:
+        self.break_stream()
 
     def _put(self, delivery: Delivery | None) -> None:
         self._inbox.put_nowait(delivery)

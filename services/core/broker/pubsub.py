@@ -25,6 +25,7 @@ from services.core.broker import (
     Broker,
     BrokerUnavailable,
     Delivery,
+    OpenResult,
     OutgoingMessage,
     StreamBroken,
     Subscription,
@@ -73,7 +74,7 @@ class PubSubSubscription(Subscription):
     def path(self) -> str:
         return self._path
 
-    async def _create(self) -> None:
+    async def _create(self) -> bool:
         request = {
             "name": self._path,
             "topic": self._topic_path,
@@ -89,12 +90,13 @@ class PubSubSubscription(Subscription):
             )
             log.info("subscription created", extra={"subscription": self._path})
         except gexc.AlreadyExists:
-            pass
+            return False
+        return True
 
-    async def open(self) -> int:
+    async def open(self) -> OpenResult:
         self._loop = asyncio.get_running_loop()
         await self._stop_stream()
-        await self._create()
+        created = await self._create()
         complete_from_ms = int(time.time() * 1000)
         self._inbox = asyncio.Queue()
         self._future = self._client.subscribe(
@@ -106,7 +108,23 @@ class PubSubSubscription(Subscription):
         )
         inbox = self._inbox
         self._future.add_done_callback(lambda future: self._on_stream_done(future, inbox))
-        return complete_from_ms
+        return OpenResult(complete_from_ms, created)
+
+    async def seek_to(self, time_ms: int) -> bool:
+        seconds, millis = divmod(time_ms, 1000)
+        request = {
+            "subscription": self._path,
+            "time": {"seconds": seconds, "nanos": millis * 1_000_000},
+        }
+        try:
+            await _blocking(lambda: self._client.seek(request=request, timeout=ADMIN_TIMEOUT_S))
+        except (gexc.MethodNotImplemented, gexc.FailedPrecondition, gexc.InvalidArgument):
+            return False
+        log.info("subscription seeked", extra={"subscription": self._path, "to_ms": time_ms})
+        return True
+
+    async def restart_stream(self) -> None:
+        await self._stop_stream()
 
     # Both callbacks run on the client's threads: hand off to the loop and return.
     def _on_message(self, message: Message) -> None:
