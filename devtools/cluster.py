@@ -127,6 +127,10 @@ class Process:
             os.killpg(self.popen.pid, signal.SIGKILL)
         return code
 
+    def stop_async(self) -> None:
+        """SIGTERM only; `stop` later waits (stop many processes in parallel)."""
+        self.signal(signal.SIGTERM)
+
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         if self.popen is not None:
@@ -416,7 +420,10 @@ class LocalCluster:
     def stop(self) -> None:
         if self.lb is not None:
             self.lb.stop()
-        for service in (*self.sockets, self.api):
+        services = (*self.sockets, self.api)
+        for service in services:  # all drain at once
+            service.process.stop_async()
+        for service in services:
             service.process.stop()
         self.emulator.stop()
         if self._own_dir and not os.environ.get("PUBSOCK_KEEP_LOGS"):

@@ -70,8 +70,9 @@ pubsock is running (logs in {cluster.work_dir})
   socket pods      {", ".join(f"http://127.0.0.1:{p}" for p in socket_ports)}
   emulator         127.0.0.1:{emulator_port} (project local-project, topic pubsock-messages)
   publisher key    {DEMO_KEY}
-  try it           curl -X POST -H 'Authorization: Bearer {DEMO_KEY}' -H 'Content-Type: application/json' \
-                     -d '{{"data": {{"text": "hello"}}}}' http://127.0.0.1:{lb_port}/v1/channels/demo:lobby/messages
+  try it           curl -H 'Authorization: Bearer {DEMO_KEY}' \\
+                     -H 'Content-Type: application/json' -d '{{"data": {{"text": "hi"}}}}' \\
+                     http://127.0.0.1:{lb_port}/v1/channels/demo:lobby/messages
 Ctrl-C stops everything.""",
         flush=True,
     )

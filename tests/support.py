@@ -10,6 +10,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 DEFAULT_TIMEOUT_S = 15.0
+CLOSED = "_closed"  # queued after the last frame when the connection ends
 
 
 class WsClient:
@@ -36,6 +37,7 @@ class WsClient:
         finally:
             self.close_code = self.connection.close_code
             self.closed.set()
+            self.frames.put_nowait({"type": CLOSED, "code": self.close_code})
 
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         if isinstance(frame, dict):
@@ -49,6 +51,9 @@ class WsClient:
         async with asyncio.timeout(timeout):
             while True:
                 frame = await self.frames.get()
+                if frame.get("type") == CLOSED and kind != CLOSED:
+                    self.frames.put_nowait(frame)  # stays the last word
+                    raise ConnectionError(f"closed with {frame['code']} while waiting for {kind}")
                 if kind is None or frame.get("type") == kind:
                     return frame
                 if frame.get("type") != "pong":

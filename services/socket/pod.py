@@ -272,10 +272,14 @@ class Pod:
             if now >= next_expiry:
                 self.history.expire()
                 next_expiry = now + HISTORY_EXPIRE_EVERY_S
-            if self.pump.healthy and now - self.presence.last_own_heard > settings.deaf_after_s:
+            heard = max(self.presence.last_own_heard, self.pump.opened_at)
+            if self.pump.healthy and now - heard > settings.deaf_after_s:
                 log.warning(
                     "deaf: our own presence announcements stopped coming back; resubscribing",
-                    extra={"silent_s": round(now - self.presence.last_own_heard, 1)},
+                    extra={
+                        "silent_s": round(now - heard, 1),
+                        "announcements_sent": self.presence.announcements_sent,
+                    },
                 )
                 heard_ms = int((time.time() - (now - self.presence.last_own_heard)) * 1000)
                 self.presence.last_own_heard = now  # one restart per silence

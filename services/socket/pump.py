@@ -61,6 +61,7 @@ class Pump:
         # Messages published before this go to history only, never live (warm start replay).
         self.live_from_ms = 2**62
         self.last_delivery_at = time.monotonic()
+        self.opened_at = time.monotonic()  # deafness is judged from here or the last own echo
 
     async def _open_with_retry(self) -> OpenResult:
         backoff_s = 0.2
@@ -90,6 +91,7 @@ class Pump:
                 complete_from_ms = seek_ms
         self._history.stream_started(complete_from_ms)
         self._opened = True
+        self.opened_at = time.monotonic()
         self.healthy = True
         self._metrics.broker_up.set(1)
 
@@ -118,6 +120,7 @@ class Pump:
             # cannot prove it, so recovery across this point answers false.
             self._history.stream_started(broken_at_ms)
         self.healthy = True
+        self.opened_at = time.monotonic()
         self._metrics.broker_up.set(1)
 
     async def restart_deaf(self, last_heard_ms: int) -> None:

@@ -27,7 +27,6 @@ _STATIC_TYPES = {
     ".svg": "image/svg+xml",
     ".png": "image/png",
     ".ico": "image/x-icon",
-    ".json": "application/json",
 }
 
 

@@ -268,23 +268,21 @@ class Session:
         ):
             self.send_error(ProtocolError("limit", "too many subscriptions", channel))
             return
-        if frame.presence:
-            self.presence_channels.add(channel)
-        else:
-            self.presence_channels.discard(channel)
         if frame.since is None:
-            self._attach(channel, None)
+            self._attach(channel, None, frame.presence)
             return
         self._busy = True
-        task = asyncio.get_running_loop().create_task(self._subscribe_since(channel, frame.since))
+        task = asyncio.get_running_loop().create_task(
+            self._subscribe_since(channel, frame.since, frame.presence)
+        )
         self._pod.track(task)
 
-    async def _subscribe_since(self, channel: str, since: str) -> None:
+    async def _subscribe_since(self, channel: str, since: str, presence: bool) -> None:
         try:
             recovery = await self._pod.hub.recover(channel, since)
             if self.open:
                 # No await between taking the history slice and joining the live stream.
-                self._attach(channel, recovery.recovered)
+                self._attach(channel, recovery.recovered, presence)
                 for entry in recovery.entries:
                     self.send_raw(entry.frame)
                 self._allowance = max(self._allowance, self.transport.get_write_buffer_size())
@@ -300,11 +298,17 @@ class Session:
         if self.open:
             self.transport.write(frame)
 
-    def _attach(self, channel: str, recovered: bool | None) -> None:
+    def _attach(self, channel: str, recovered: bool | None, presence: bool) -> None:
+        """Joins the live stream. The session's own join is not sent to itself: it listens for
+        presence events only from after it joined."""
         hub = self._pod.hub
-        hub.remove(channel, self)  # a repeated subscribe starts over from its own `since`
-        hub.add(channel, self)
-        self.channels.add(channel)
+        if channel not in self.channels:  # a repeated subscribe keeps its place
+            hub.add(channel, self)
+            self.channels.add(channel)
+        if presence:
+            self.presence_channels.add(channel)
+        else:
+            self.presence_channels.discard(channel)
         self.send(subscribed_frame(channel, hub.history.position(channel), recovered))
 
     # -- closing -----------------------------------------------------------------------------

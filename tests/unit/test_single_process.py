@@ -3,8 +3,6 @@ websockets (the memory broker never stands in for Pub/Sub in integration tests).
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 

@@ -1,0 +1,293 @@
+"""Faults caused for real: SIGKILL under load, drain, emulator restart, a vanished subscription,
+a cold pod, and the maximum connection age. Every client stream is checked id by id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from devtools.cluster import ClusterConfig, LocalCluster, free_port
+from tests.integration.conftest import TEST_API_ENV, TEST_SOCKET_ENV
+from tests.support import CLOSED, WsClient
+
+REPORT = Path(os.environ.get("PUBSOCK_FAULT_REPORT", "/tmp/pubsock-fault-report.jsonl"))
+
+
+def report(fault: str, **figures: object) -> None:
+    """Appends the published/delivered counts of a fault to a report (for the closing note)."""
+    with REPORT.open("a") as out:
+        out.write(json.dumps({"fault": fault, **figures}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[LocalCluster]:
+    """A cluster of its own: these tests kill pods and restart the emulator."""
+    config = ClusterConfig(
+        api_port=free_port(),
+        socket_ports=(free_port(), free_port()),
+        lb_port=free_port(),
+        emulator_port=free_port(),
+        socket_env={**TEST_SOCKET_ENV, "DEAF_AFTER_S": "5", "PRESENCE_TTL_S": "5"},
+        api_env={**TEST_API_ENV, "PUBLISH_TIMEOUT_S": "2", "BROKER_PROBE_INTERVAL_S": "0.5"},
+        with_lb=False,
+    )
+    with LocalCluster(config) as running:
+        yield running
+
+
+class Publisher:
+    """Publishes to one channel at a steady rate until stopped; records every accepted id."""
+
+    def __init__(self, api_url: str, channel: str, rate_per_s: float) -> None:
+        self.api_url = api_url
+        self.channel = channel
+        self.interval_s = 1 / rate_per_s
+        self.accepted: list[str] = []
+        self.unavailable = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.api_url, timeout=10) as api:
+            n = 0
+            while not self._stop.is_set():
+                response = await api.post(f"/v1/channels/{self.channel}/messages", json={"data": n})
+                if response.status_code == 202:
+                    self.accepted.append(response.json()["id"])
+                else:
+                    assert response.status_code == 503, response.text
+                    self.unavailable += 1
+                n += 1
+                await asyncio.sleep(self.interval_s)  # the pace of the load, not a wait
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> list[str]:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        return self.accepted
+
+
+class Follower:
+    """A client that keeps its stream across reconnects: it resumes with `since` elsewhere."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.ids: list[str] = []
+        self.recoveries: list[bool] = []
+        self.client: WsClient | None = None
+
+    async def attach(self, url: str) -> None:
+        self.client = await WsClient.connect(url)
+        since = self.ids[-1] if self.ids else None
+        frame = await self.client.subscribe(self.channel, **({"since": since} if since else {}))
+        if since:
+            self.recoveries.append(frame["recovered"])
+
+    async def drain_until(self, last_id: str, timeout_s: float = 30) -> None:
+        assert self.client is not None
+        async with asyncio.timeout(timeout_s):
+            while not self.ids or self.ids[-1] != last_id:
+                frame = await self.client.next("message")
+                self.ids.append(frame["id"])
+
+    async def read_until_closed(self, timeout_s: float = 30) -> int | None:
+        """Keeps every message that arrives until the connection ends; its close code."""
+        assert self.client is not None
+        async with asyncio.timeout(timeout_s):
+            while True:
+                frame = await self.client.frames.get()
+                if frame["type"] == "message":
+                    self.ids.append(frame["id"])
+                elif frame["type"] == CLOSED:
+                    return frame["code"]
+
+
+async def test_sigkill_under_steady_publishing_loses_nothing(faulty: LocalCluster, channel):
+    """Clients of a SIGKILLed pod resume on the other pod with `since`: every accepted message,
+    in order, once; publishing never stops."""
+    victim, survivor = faulty.sockets
+    followers = [Follower(channel) for _ in range(5)]
+    for follower in followers:
+        await follower.attach(victim.ws_url)
+    watcher = Follower(channel)
+    await watcher.attach(survivor.ws_url)
+    publisher = Publisher(faulty.api.url, channel, rate_per_s=40)
+    publisher.start()
+    async with asyncio.timeout(10):
+        while len(publisher.accepted) < 40:
+            await asyncio.sleep(0.05)
+    for follower in followers:  # what each saw before the kill
+        await follower.drain_until(publisher.accepted[10])
+    victim.process.kill()
+    for follower in followers:
+        await follower.attach(survivor.ws_url)
+    async with asyncio.timeout(10):
+        while len(publisher.accepted) < 120:
+            await asyncio.sleep(0.05)
+    accepted = await publisher.stop()
+    for follower in (*followers, watcher):
+        await follower.drain_until(accepted[-1])
+        assert follower.ids == accepted  # nothing lost, nothing twice, the same order
+    assert all(r is True for f in followers for r in f.recoveries)
+    report(
+        "sigkill",
+        published=len(accepted),
+        unavailable=publisher.unavailable,
+        delivered_per_client=[len(f.ids) for f in followers],
+        clients=len(followers) + 1,
+    )
+    victim.start()  # back to two pods for the next tests
+
+
+async def test_sigterm_drain_closes_with_1012_and_clients_resume(faulty: LocalCluster, channel):
+    """A draining pod closes with 1012; its clients reconnect at once elsewhere, no gap."""
+    draining, other = faulty.sockets
+    followers = [Follower(channel) for _ in range(3)]
+    for follower in followers:
+        await follower.attach(draining.ws_url)
+    publisher = Publisher(faulty.api.url, channel, rate_per_s=30)
+    publisher.start()
+    async with asyncio.timeout(10):
+        while len(publisher.accepted) < 20:
+            await asyncio.sleep(0.05)
+    draining.process.signal(15)
+    codes = await asyncio.gather(*(f.read_until_closed() for f in followers))
+    assert codes == [1012] * len(followers)
+    for follower in followers:
+        await follower.attach(other.ws_url)
+    async with asyncio.timeout(10):
+        while len(publisher.accepted) < 60:
+            await asyncio.sleep(0.05)
+    accepted = await publisher.stop()
+    for follower in followers:
+        await follower.drain_until(accepted[-1])
+        assert follower.ids == accepted
+    code = await asyncio.to_thread(draining.process.wait, 20)
+    assert code == 0
+    report(
+        "sigterm_drain",
+        published=len(accepted),
+        delivered_per_client=[len(f.ids) for f in followers],
+    )
+    draining.start()
+
+
+async def metric(url: str, name: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(values[0]) if values else 0.0
+
+
+async def test_emulator_restart_503_then_recovery_and_the_pod_marks_the_break(faulty, channel):
+    """Pub/Sub goes away: the API answers 503 with Retry-After in bounded time, broker_up drops,
+    readiness stays; when it returns (topic recreated, as make run does) publishing recovers by
+    itself, the socket pod resubscribes, closes its clients with 1013 and answers
+    `recovered: false` across the break."""
+    pod = faulty.sockets[0]
+    async with httpx.AsyncClient(base_url=faulty.api.url, timeout=10) as api:
+        follower = Follower(channel)
+        await follower.attach(pod.ws_url)
+        before = (await api.post(f"/v1/channels/{channel}/messages", json={"data": 0})).json()["id"]
+        await follower.drain_until(before)
+        faulty.emulator.stop()
+        started = asyncio.get_running_loop().time()
+        outage = await api.post(
+            f"/v1/channels/{channel}/messages", json={"data": 1, "id": "during"}
+        )
+        assert outage.status_code == 503
+        assert asyncio.get_running_loop().time() - started < 5
+        assert outage.headers["retry-after"] and outage.json()["id"] == "during"
+        async with asyncio.timeout(10):
+            while await metric(faulty.api.url, "pubsock_broker_up") != 0.0:
+                await asyncio.sleep(0.2)
+        assert (await api.get("/readyz")).status_code == 200
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{pod.url}/readyz")).status_code == 200
+        faulty.emulator.start()
+        faulty.emulator.create_topic()
+        async with asyncio.timeout(30):
+            while True:
+                retry = await api.post(
+                    f"/v1/channels/{channel}/messages", json={"data": 1, "id": "during"}
+                )
+                if retry.status_code == 202:
+                    break
+                await asyncio.sleep(0.5)
+        async with asyncio.timeout(30):
+            while await metric(pod.url, "pubsock_unprovable_breaks_total") < 1:
+                await asyncio.sleep(0.2)
+        assert await follower.read_until_closed() == 1013  # it may have missed messages
+        again = await WsClient.connect(pod.ws_url)
+        frame = await again.subscribe(channel, since=before)
+        assert frame["recovered"] is False
+        after = (await api.post(f"/v1/channels/{channel}/messages", json={"data": 2})).json()["id"]
+        assert (await again.next("message"))["id"] == after
+        report("emulator_restart", published_before=1, during_status=503, after_delivered=True)
+
+
+async def test_a_deleted_subscription_is_recreated(faulty, channel):
+    """Someone deletes the pod's subscription: the pod recreates it and keeps delivering."""
+    pod = faulty.sockets[1]
+    client = await WsClient.connect(pod.ws_url)
+    await client.subscribe(channel)
+    async with httpx.AsyncClient() as http:
+        subs = (
+            await http.get(f"http://{faulty.emulator.host}/v1/projects/local-project/subscriptions")
+        ).json()
+        mine = [s["name"] for s in subs["subscriptions"] if "socket-2" in s["name"]]
+        assert len(mine) == 1
+        await http.delete(f"http://{faulty.emulator.host}/v1/{mine[0]}")
+    assert await client.wait_closed(30) == 1013  # the break cannot be proven gap-free
+    client = await WsClient.connect(pod.ws_url)
+    await client.subscribe(channel)
+    async with httpx.AsyncClient(base_url=faulty.api.url) as api:
+        sent = (await api.post(f"/v1/channels/{channel}/messages", json={"data": "x"})).json()["id"]
+    assert (await client.next("message", timeout=30))["id"] == sent
+
+
+async def test_a_cold_pod_recovers_a_client_from_retained_messages(faulty, channel):
+    """A pod started after the messages fills its history from the topic's retention before it
+    turns ready: a client whose old pod is gone recovers there; the old messages are never
+    delivered live."""
+    async with httpx.AsyncClient(base_url=faulty.api.url) as api:
+        ids = [
+            (await api.post(f"/v1/channels/{channel}/messages", json={"data": n})).json()["id"]
+            for n in range(6)
+        ]
+    cold = faulty.new_socket("cold-pod", free_port())
+    cold.start()
+    try:
+        live = await WsClient.connect(cold.ws_url)
+        await live.subscribe(channel)
+        client = await WsClient.connect(cold.ws_url)
+        frame = await client.subscribe(channel, since=ids[1])
+        assert frame["recovered"] is True
+        assert [f["id"] for f in await client.messages(4)] == ids[2:]
+        await live.assert_quiet(0.5)  # replayed history is never sent live
+        report("cold_pod", published=len(ids), recovered=4)
+    finally:
+        cold.process.stop()
+
+
+async def test_maximum_connection_age_closes_with_1012(faulty):
+    pod = faulty.new_socket("aging-pod", free_port(), MAX_CONNECTION_AGE_S="1.5")
+    pod.start()
+    try:
+        clients = [await WsClient.connect(pod.ws_url) for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        codes = await asyncio.gather(*(c.wait_closed(10) for c in clients))
+        assert codes == [1012, 1012, 1012]
+        assert loop.time() - started < 1.5 * 1.1 + 1.5  # jitter ±10 % plus the maintenance tick
+    finally:
+        pod.process.stop()
