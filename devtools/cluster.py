@@ -237,7 +237,11 @@ class Service:
     def start(self, wait_ready: bool = True, timeout_s: float = 60.0) -> None:
         self.process.start()
         if wait_ready:
-            self.wait_ready(timeout_s)
+            try:
+                self.wait_ready(timeout_s)
+            except BaseException:
+                self.process.stop(5)  # never leave a half-started process behind
+                raise
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         try:
