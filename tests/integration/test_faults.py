@@ -231,7 +231,12 @@ async def test_emulator_restart_503_then_recovery_and_the_pod_marks_the_break(fa
         frame = await again.subscribe(channel, since=before)
         assert frame["recovered"] is False
         after = (await api.post(f"/v1/channels/{channel}/messages", json={"data": 2})).json()["id"]
-        assert (await again.next("message"))["id"] == after
+        seen = [(await again.next("message"))["id"]]
+        while seen[-1] != after:
+            seen.append((await again.next("message"))["id"])
+        # "during" may come first: the 503 meant "outcome unknown", and the retry with its id
+        # was accepted; either way it is delivered once.
+        assert seen in ([after], ["during", after])
         report("emulator_restart", published_before=1, during_status=503, after_delivered=True)
 
 
