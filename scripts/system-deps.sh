@@ -4,6 +4,8 @@ set -euo pipefail
 
 need=()
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+# The browser tests (tests/e2e) drive Debian's Chromium through Playwright (never `playwright install`).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null 2>&1; then

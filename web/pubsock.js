@@ -166,6 +166,11 @@ export class PubsockClient extends EventTarget {
     this._setTokenValue(options.token ?? null);
     this._forceToken = false;
     this._pendingRefresh = null;
+    // The token the open connection holds on the server (the one it opened with, or the last
+    // refresh the server confirmed). `_token` may be newer: publish() fetches one when it is near
+    // expiry, without telling the connection.
+    this._socketToken = null;
+    this._socketExpMs = null;
 
     /** channel -> subscription state */
     this._channels = new Map();
@@ -344,7 +349,7 @@ export class PubsockClient extends EventTarget {
 
   /** Replaces the token (e.g. the application got a fresh one); sent as `refresh` when open. */
   setToken(token) {
-    if (this._isOpen() && token && token !== this._token) {
+    if (this._isOpen() && token && token !== this._socketToken) {
       this._pendingRefresh = token;
       this._send({ type: "refresh", token });
     } else {
@@ -464,6 +469,8 @@ export class PubsockClient extends EventTarget {
     const url = this._token
       ? `${this.url}${this.url.includes("?") ? "&" : "?"}token=${encodeURIComponent(this._token)}`
       : this.url;
+    this._socketToken = this._token;
+    this._socketExpMs = this._tokenExpMs;
     let ws;
     try {
       ws = new this._WebSocket(url);
@@ -500,7 +507,7 @@ export class PubsockClient extends EventTarget {
     for (const entry of this._channels.values()) this._sendSubscribe(entry);
     this._send({ type: "ping" }); // names the pod; its pong also ends every replay above
     this._armHeartbeat();
-    this._scheduleRefresh(this._tokenExpMs);
+    this._scheduleRefresh(this._socketExpMs);
     this._timers.stable = this._setTimeout(() => {
       this._attempt = 0;
       this._fastReconnects = 0;
@@ -639,12 +646,17 @@ export class PubsockClient extends EventTarget {
       token = await this._getToken();
     } catch (error) {
       this._emit("error", { code: "token", message: `getToken failed: ${error}`, error });
-      if (this._ws === ws) this._scheduleRefresh(this._tokenExpMs);
+      if (this._ws === ws) this._scheduleRefresh(this._socketExpMs);
       return;
     }
-    if (!token || token === this._token) return;
     if (this._ws !== ws || !this._isOpen()) {
-      this._setTokenValue(token); // for the next connection
+      if (token) this._setTokenValue(token); // for the next connection
+      return;
+    }
+    if (!token || token === this._socketToken) {
+      // Nothing newer than what the connection holds (a cached token, or one minted in the same
+      // second as the one it opened with): ask again later, while there is time.
+      this._scheduleRefresh(this._socketExpMs);
       return;
     }
     this._pendingRefresh = token;
@@ -798,10 +810,13 @@ export class PubsockClient extends EventTarget {
 
   _onRefreshed(frame) {
     if (this._pendingRefresh) {
+      this._socketToken = this._pendingRefresh;
+      this._socketExpMs = tokenExpiryMs(this._pendingRefresh);
       this._setTokenValue(this._pendingRefresh);
       this._pendingRefresh = null;
     }
-    const expMs = typeof frame.expires_at === "number" ? frame.expires_at * 1000 : this._tokenExpMs;
+    const expMs = typeof frame.expires_at === "number" ? frame.expires_at * 1000 : this._socketExpMs;
+    this._socketExpMs = expMs;
     this._emit("refreshed", { expires_at: frame.expires_at });
     this._scheduleRefresh(expMs);
   }

@@ -62,6 +62,7 @@ class Presence:
         snapshot_s: float,
         ttl_s: float,
         on_events: Callable[[list[PresenceEvent]], None],
+        on_sent: Callable[[], None] = lambda: None,
     ) -> None:
         self.pod_name = pod_name
         self._broker = broker
@@ -69,6 +70,7 @@ class Presence:
         self._snapshot_s = snapshot_s
         self._ttl_s = ttl_s
         self._on_events = on_events
+        self._on_sent = on_sent
         self._local: dict[str, ChannelState] = {}
         self._remote: dict[str, RemotePod] = {}
         self._totals: dict[str, ChannelState] = {}
@@ -133,12 +135,22 @@ class Presence:
     def _set_remote_channel(
         self, pod: RemotePod, channel: str, new: ChannelState | None, events: list[PresenceEvent]
     ) -> None:
+        """Replaces a remote pod's state of a channel, applying only the net change: a member
+        announced again (every snapshot) must not look like a leave and a join."""
         old = pod.channels.pop(channel, None)
-        if old is not None:
-            self._add(channel, -old.count, {s: -n for s, n in old.subs.items()}, events)
         if new is not None and new.count > 0:
             pod.channels[channel] = new
-            self._add(channel, new.count, dict(new.subs), events)
+        else:
+            new = None
+        old_count = old.count if old is not None else 0
+        new_count = new.count if new is not None else 0
+        subs: dict[str, int] = {}
+        for sub in set(old.subs if old else ()) | set(new.subs if new else ()):
+            delta = (new.subs.get(sub, 0) if new else 0) - (old.subs.get(sub, 0) if old else 0)
+            if delta:
+                subs[sub] = delta
+        if subs or new_count != old_count:
+            self._add(channel, new_count - old_count, subs, events)
 
     def count(self, channel: str) -> tuple[int, list[str]]:
         total = self._totals.get(channel)
@@ -251,6 +263,7 @@ class Presence:
             try:
                 await self._broker.publish(OutgoingMessage(body, key, attributes))
                 self.announcements_sent += 1
+                self._on_sent()
             except BrokerUnavailable:
                 self._dirty.update(channels)  # try again next round
                 return

@@ -119,3 +119,35 @@ def test_add_and_remove_count_subscriptions():
     assert hub.subscription_count == 2
     hub.remove_all(["a", "b"], session)
     assert hub.subscription_count == 0 and hub.session_count("a") == 0
+
+
+def test_presence_reannouncing_the_same_members_emits_no_events():
+    """A snapshot repeating what a delta said changes nothing: no leave/join flicker."""
+    import time as _time
+
+    from services.core.broker.memory import MemoryBroker
+    from services.socket.presence import Presence
+
+    events: list = []
+    presence = Presence("me", MemoryBroker(), 1, 10, 30, events.extend)
+
+    def announce(kind: str, seq: int, channels: dict) -> None:
+        body = {"v": 1, "pod": "other", "seq": seq, "type": kind, "channels": channels}
+        if kind == "snapshot":
+            body.update(snapshot=seq, part=0, parts=1)
+        presence.on_announcement(
+            Delivery(orjson.dumps(body), {"kind": "presence"}, str(seq), int(_time.time() * 1000), lambda: None)
+        )
+
+    grace = {"demo:lobby": {"count": 1, "subs": {"Grace": 1}}}
+    announce("delta", 1, grace)
+    assert events == [("demo:lobby", "join", "Grace")]
+    announce("snapshot", 2, grace)
+    announce("delta", 3, {"demo:lobby": {"count": 2, "subs": {"Grace": 2}}})
+    assert events == [("demo:lobby", "join", "Grace")]
+    assert presence.count("demo:lobby") == (2, ["Grace"])
+    announce("delta", 1, {"demo:lobby": {"count": 0, "subs": {}}})  # late: ignored
+    assert presence.count("demo:lobby") == (2, ["Grace"])
+    announce("snapshot", 4, {})
+    assert events[-1] == ("demo:lobby", "leave", "Grace")
+    assert presence.count("demo:lobby") == (0, [])
