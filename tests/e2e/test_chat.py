@@ -62,11 +62,11 @@ def test_presence_shows_both_names_on_both_pages(pods_up, open_page, room):
             f"{page.name} (you)"
         )
         expect(page.page.locator("#presence-count")).to_have_text("2", timeout=PRESENCE_MS)
-    # Ada was there first: she saw Grace arrive (on the other pod) as a join event. (At least
-    # once: a pod's periodic presence snapshot currently replays leave+join for members who
-    # stayed, a server bug; exact counts here would make this test fail at random until fixed.)
+    # Ada was there first: she saw Grace arrive (on the other pod) as one join event, and no
+    # leave/join flicker from the periodic presence snapshots while Grace stayed.
     ada_saw_grace = ada.event("join").filter(has_text="Grace joined")
-    expect(ada_saw_grace).not_to_have_count(0, timeout=PRESENCE_MS)
+    expect(ada_saw_grace).to_have_count(1, timeout=PRESENCE_MS)
+    expect(ada.event("leave").filter(has_text="Grace left")).to_have_count(0)
 
     grace.page.click("#leave-button")
     expect(grace.page.locator("#join-form")).to_be_visible()
@@ -75,3 +75,5 @@ def test_presence_shows_both_names_on_both_pages(pods_up, open_page, room):
     )
     expect(ada.page.locator("#presence-members li")).to_have_text(["Ada (you)"])
     expect(ada.page.locator("#presence-count")).to_have_text("1", timeout=PRESENCE_MS)
+    expect(ada.event("leave").filter(has_text="Grace left")).to_have_count(1)
+    expect(ada_saw_grace).to_have_count(1)
