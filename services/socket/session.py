@@ -48,6 +48,7 @@ class Session:
     __slots__ = (
         "_allowance",
         "_backlog",
+        "_budget",
         "_bucket",
         "_busy",
         "_close_timer",
@@ -88,7 +89,7 @@ class Session:
         age_s = pod.settings.max_connection_age_s
         self.max_age_at = self.opened_at + age_s * random.uniform(0.9, 1.1)
         self.ping_sent_at: float | None = None
-        self._allowance = pod.settings.send_buffer_max_bytes
+        self._budget = self._allowance = pod.settings.send_buffer_max_bytes
         self._busy = False  # a subscribe is waiting for recovery: later frames queue behind it
         self._backlog: deque[ClientFrame] = deque()
         self._fragments: list[bytes] | None = None
@@ -124,10 +125,11 @@ class Session:
             return True
         transport = self.transport
         buffered = transport.get_write_buffer_size()
-        if buffered > self._allowance:
-            return False
-        if buffered <= self._pod.settings.send_buffer_max_bytes:
-            self._allowance = self._pod.settings.send_buffer_max_bytes
+        if buffered:  # usually 0: the kernel took everything written so far
+            if buffered > self._allowance:
+                return False
+            if buffered <= self._budget:
+                self._allowance = self._budget  # a replay's extra allowance ends once drained
         transport.write(frame)
         return True
 
