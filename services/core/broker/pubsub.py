@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -41,6 +42,7 @@ SUBSCRIPTION_EXPIRATION_S = (
 SUBSCRIPTION_RETENTION_S = 600  # the minimum: a pod's backlog older than that is useless anyway
 ACK_DEADLINE_S = 60
 FLOW_CONTROL_MAX_MESSAGES = 2000
+INBOX_MAX_MESSAGES = 2000
 FLOW_CONTROL_MAX_BYTES = 64 * 1024 * 1024
 BATCH_MAX = 500
 ADMIN_TIMEOUT_S = 30.0
@@ -69,6 +71,9 @@ class PubSubSubscription(Subscription):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[Message | _StreamEnded] = asyncio.Queue()
         self._future: Any = None
+        # Messages handed to the loop but not yet handled: bounds the inbox (see _on_message).
+        self._slots = threading.BoundedSemaphore(INBOX_MAX_MESSAGES)
+        self._closing = False
 
     @property
     def path(self) -> str:
@@ -96,9 +101,10 @@ class PubSubSubscription(Subscription):
     async def open(self) -> OpenResult:
         self._loop = asyncio.get_running_loop()
         await self._stop_stream()
+        self._closing = False
         created = await self._create()
         complete_from_ms = int(time.time() * 1000)
-        self._inbox = asyncio.Queue()
+        # The inbox is kept across reopens: what it holds was acked already and must be handled.
         self._future = self._client.subscribe(
             self._path,
             callback=self._on_message,
@@ -128,8 +134,20 @@ class PubSubSubscription(Subscription):
 
     # Both callbacks run on the client's threads: hand off to the loop and return.
     def _on_message(self, message: Message) -> None:
+        """Hands the message to the loop, then acks it.
+
+        With ordering keys the client releases a key's next message only when the previous one
+        is acked; acking after the fan-out would make each channel wait for a round trip through
+        the busy event loop (tens of messages a second per channel). So: enqueue (in order), then
+        ack. The inbox stays bounded because this thread waits for a free slot, which the pump
+        returns as it handles each message; back-pressure reaches the subscriber's threads.
+        """
         assert self._loop is not None
+        while not self._slots.acquire(timeout=1.0):
+            if self._closing:
+                return  # not acked: Pub/Sub delivers it again to the next stream
         self._loop.call_soon_threadsafe(self._inbox.put_nowait, message)
+        message.ack()
 
     def _on_stream_done(self, future: Any, inbox: asyncio.Queue[Message | _StreamEnded]) -> None:
         error = None if future.cancelled() else future.exception()
@@ -152,17 +170,22 @@ class PubSubSubscription(Subscription):
                     attributes=item.attributes,
                     message_id=item.message_id,
                     publish_ms=int(item.publish_time.timestamp() * 1000),
-                    ack=item.ack,
+                    ack=self._release_slot,
                 )
             )
             if len(batch) >= BATCH_MAX or self._inbox.empty():
                 return batch
             item = self._inbox.get_nowait()
 
+    def _release_slot(self) -> None:
+        with contextlib.suppress(ValueError):  # a slot from before a reopen
+            self._slots.release()
+
     async def _stop_stream(self) -> None:
         future, self._future = self._future, None
         if future is None:
             return
+        self._closing = True
         future.cancel()
         with contextlib.suppress(Exception):  # the stream is thrown away either way
             await _blocking(lambda: future.result(timeout=ADMIN_TIMEOUT_S))
