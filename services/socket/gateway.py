@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
@@ -47,6 +48,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._handling = False
         self.session: Session | None = None
+        self.on_lost: Callable[[], None] | None = None  # a held request (socket.io long poll)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +73,9 @@ class Connection(asyncio.Protocol):
         self._pod.http_connections.discard(self)
         if self.session is not None:
             self.session.connection_lost()
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
 
     # -- timers ------------------------------------------------------------------------------
     def _arm(self, seconds: float) -> None:
@@ -120,6 +125,13 @@ class Connection(asyncio.Protocol):
                 return  # wait for the rest of the body
             request.body = bytes(self._buffer[end + 4 : end + 4 + length])
             del self._buffer[: end + 4 + length]
+            socketio = self._pod.socketio
+            if socketio is not None and request.path.startswith(socketio.prefix):
+                payload = socketio.handle(self, request, head)
+                if payload is None:  # a held long poll, or now a socket.io websocket
+                    return
+                self._answered(request, payload, resume=False)
+                continue
             if request.path == "/ws" and request.is_websocket_upgrade:
                 self._upgrade(request, head)
                 return
@@ -149,6 +161,48 @@ class Connection(asyncio.Protocol):
         self._arm(self._pod.settings.http_keepalive_s)
         if resume and self._buffer:
             self._process()
+
+    # -- held requests and other websockets (socket.io) ---------------------------------------
+    def hold(self, on_lost: Callable[[], None]) -> None:
+        """Answers later (`release`): no timeout meanwhile, later requests wait their turn."""
+        self._disarm()
+        self._handling = True
+        self.on_lost = on_lost
+
+    def release(self, request: Request, payload: bytes) -> None:
+        self.on_lost = None
+        self._answered(request, payload)
+
+    def writable(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def upgrade_with(self, request: Request, head: bytes, factory: Callable[..., Any]) -> None:
+        """Completes a websocket handshake, then `factory(transport, protocol)` owns the
+        connection (it must offer `feed`, `abort` and `connection_lost`, as `Session` does)."""
+        assert self._transport is not None
+        transport = self._transport
+        protocol = ServerProtocol(max_size=self._pod.settings.max_frame_bytes, logger=_ws_logger)
+        protocol.receive_data(head)
+        events = protocol.events_received()
+        if not events or not isinstance(events[0], WsRequest):
+            self._fail(HttpError(400, "invalid websocket handshake"))
+            return
+        response = protocol.accept(events[0])
+        response.headers["X-Pubsock-Pod"] = self._pod.settings.pod_name
+        protocol.send_response(response)
+        for data in protocol.data_to_send():
+            if data:
+                transport.write(data)
+        if response.status_code != 101:
+            self._pod.metrics.handshake_rejections.labels("invalid").inc()
+            transport.close()
+            return
+        self._disarm()
+        self.session = factory(transport, protocol)
+        if self._buffer:
+            rest = bytes(self._buffer)
+            self._buffer.clear()
+            self.session.feed(rest)
 
     # -- websocket ---------------------------------------------------------------------------
     def _upgrade(self, request: Request, head: bytes) -> None:

@@ -25,6 +25,9 @@ class Entry:
     seq: int
     publish_ms: int
     frame: bytes  # the websocket frame, ready to write to any connection
+    # The socket.io form of the same message (services.socket.socketio.frames), built once per
+    # pod, lazily: only when a socket.io client is in the channel.
+    sio: tuple[bytes, bytes] | None = None
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ closed with 1013 after the loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import orjson
@@ -52,6 +52,9 @@ class Hub:
         self._channels: dict[str, set[Subscriber]] = {}
         self._arrivals: dict[tuple[str, str], asyncio.Future[None]] = {}
         self.subscription_count = 0
+        # Set only while another kind of subscriber (socket.io rooms) exists on this pod: called
+        # once per live message, never per connection.
+        self.sidecar: Callable[[str, Entry], None] | None = None
 
     # -- delivery ----------------------------------------------------------------------------
     def publish(self, channel: str, entry: Entry, live: bool = True) -> None:
@@ -61,6 +64,9 @@ class Hub:
             waiter.set_result(None)
         if not live:
             return
+        sidecar = self.sidecar
+        if sidecar is not None:
+            sidecar(channel, entry)
         sessions = self._channels.get(channel)
         if not sessions:
             return

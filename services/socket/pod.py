@@ -32,6 +32,7 @@ from services.socket.pump import Pump
 from services.socket.routes import Routes
 from services.socket.session import Session
 from services.socket.settings import SocketSettings
+from services.socket.socketio import SocketIOServer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Pod:
             snapshot_s=settings.presence_snapshot_s,
             ttl_s=settings.presence_ttl_s,
             on_events=self.hub.presence_events,
+            on_sent=self.metrics.presence_announcements.inc,
         )
         self.hub.presence = self.presence
         self.routes = Routes(self, Path(settings.web_dir) if settings.web_dir else DEFAULT_WEB_DIR)
@@ -83,6 +85,7 @@ class Pod:
             on_unprovable_break=self._unprovable_break,
             warm_window_ms=int(min(settings.history_age_s, settings.topic_retention_s) * 1000),
         )
+        self.socketio = SocketIOServer(self) if settings.socketio_enabled else None
         self.sessions: set[Session] = set()
         self.http_connections: set[Connection] = set()
         self.started = False
@@ -133,6 +136,8 @@ class Pod:
         await self._warm_start()
         self.presence.last_own_heard = time.monotonic()
         self.track(loop.create_task(self._maintain(), name="maintenance"))
+        if self.socketio is not None:
+            self.track(loop.create_task(self.socketio.run(), name="socketio"))
         self.started = True
         log.info(
             "socket pod ready",
@@ -169,6 +174,8 @@ class Pod:
         self.metrics.unprovable_breaks.inc()
         for session in list(self.sessions):
             session.close(CloseCode.TRY_AGAIN_LATER, "stream interrupted; resume with since")
+        if self.socketio is not None:
+            self.socketio.close_all(CloseCode.TRY_AGAIN_LATER, "stream interrupted")
 
     async def drain(self) -> None:
         """Graceful shutdown; see the module docstring for the order and why."""
@@ -179,7 +186,13 @@ class Pod:
         await asyncio.sleep(self.settings.drain_delay_s)
         if self._server is not None:
             self._server.close()
-        await self._close_sessions_spread(self.settings.drain_close_window_s)
+        window_s = self.settings.drain_close_window_s
+        if self.socketio is not None:
+            await asyncio.gather(
+                self._close_sessions_spread(window_s), self.socketio.drain(window_s)
+            )
+        else:
+            await self._close_sessions_spread(window_s)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -221,7 +234,8 @@ class Pod:
             return Refusal(503, "not_ready", "this pod is draining or not ready; try another")
         if not origin_allowed(request.header("origin"), self.settings.origins):
             return Refusal(403, "origin", "origin not allowed")
-        if len(self.sessions) >= self.settings.max_connections:
+        socketio_sessions = len(self.socketio.sessions) if self.socketio is not None else 0
+        if len(self.sessions) + socketio_sessions >= self.settings.max_connections:
             return Refusal(503, "capacity", "this pod is at its connection limit; try another")
         if not self.settings.token_secret:
             return None

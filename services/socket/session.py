@@ -48,8 +48,8 @@ class Session:
     __slots__ = (
         "_allowance",
         "_backlog",
-        "_budget",
         "_bucket",
+        "_budget",
         "_busy",
         "_close_timer",
         "_dropped",

@@ -50,6 +50,29 @@ class SocketSettings(CommonSettings):
     web_dir: str = ""
     # Base URL of the publish API as the demo page should call it; empty = same origin (/v1/...).
     public_api_url: str = ""
+    # socket.io v4 clients (Engine.IO 4 / Socket.IO 5) on the same port: see docs/socketio.md.
+    socketio_enabled: bool = True
+    socketio_path: str = Field("/socket.io/", pattern=r"^(/[A-Za-z0-9._~-]+)+/$")
+    # The event a channel message arrives as: args (data, meta, offset).
+    socketio_event: str = Field("message", min_length=1, max_length=100)
+    socketio_ping_interval_s: float = Field(25.0, gt=0)
+    socketio_ping_timeout_s: float = Field(20.0, gt=0)
+    socketio_upgrade_timeout_s: float = Field(10.0, gt=0)
+    # A socket.io client that sends no CONNECT packet within this is dropped.
+    socketio_connect_timeout_s: float = Field(45.0, gt=0)
+    # Connection state recovery (socket.recovered): a signed session id and offsets on events.
+    socketio_recovery: bool = True
+    # HMAC key of the session ids (pid); empty = TOKEN_SECRET. The same on every pod.
+    socketio_secret: str = ""
+
+    @model_validator(mode="after")
+    def _socketio_event_is_usable(self) -> SocketSettings:
+        reserved = {"connect", "connect_error", "disconnect", "disconnecting"}
+        if self.socketio_event in reserved or self.socketio_event.startswith("pubsock:"):
+            raise ValueError("SOCKETIO_EVENT must not be a reserved socket.io or pubsock: event")
+        if self.socketio_path in ("/ws/", "/v1/"):
+            raise ValueError("SOCKETIO_PATH must not shadow /ws or /v1")
+        return self
 
     @model_validator(mode="after")
     def _demo_needs_a_secret(self) -> SocketSettings:

@@ -201,6 +201,13 @@ MUTATIONS: list[tuple[str, Callable[[Objs], object], str]] = [
         "/ws routes to api, want socket",
     ),
     (
+        "/socket.io routed to the api",
+        lambda o: next(p for p in paths(o) if p["path"] == "/socket.io")["backend"][
+            "service"
+        ].update(name="api"),
+        "/socket.io/ routes to api, want socket",
+    ),
+    (
         "/v1 as ImplementationSpecific matches /v1 only",
         lambda o: next(p for p in paths(o) if p["path"] == "/v1").update(
             pathType="ImplementationSpecific"

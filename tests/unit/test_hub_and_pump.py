@@ -136,7 +136,13 @@ def test_presence_reannouncing_the_same_members_emits_no_events():
         if kind == "snapshot":
             body.update(snapshot=seq, part=0, parts=1)
         presence.on_announcement(
-            Delivery(orjson.dumps(body), {"kind": "presence"}, str(seq), int(_time.time() * 1000), lambda: None)
+            Delivery(
+                orjson.dumps(body),
+                {"kind": "presence"},
+                str(seq),
+                int(_time.time() * 1000),
+                lambda: None,
+            )
         )
 
     grace = {"demo:lobby": {"count": 1, "subs": {"Grace": 1}}}

@@ -1,0 +1,471 @@
+"""Engine.IO sessions: one client over HTTP long-polling or a websocket, upgraded in place.
+
+A session starts on either transport. Long-polling: a GET is held until packets are queued (the
+server's ping every pingInterval bounds the wait), a POST carries client packets. Upgrade: the
+client opens a websocket with the same `sid`, sends `2probe` (answered `3probe`; from then on a
+held poll is answered at once, with `6` noop when nothing is queued, so the client can pause
+polling), then `5`: the websocket becomes the session's transport and what was queued goes
+there. Heartbeat (protocol 4): the server sends `2` every pingInterval, the client answers `3`
+within pingTimeout or the session ends.
+
+Everything runs on the event loop, without an `await` per packet: a live message is one write of
+pre-built bytes to a websocket, or one append to a poll queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import TYPE_CHECKING
+
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from services.core.closecodes import CloseCode
+from services.socket.http import Request
+from services.socket.socketio.protocol import (
+    CLOSE,
+    EIO_CLOSE,
+    EIO_MESSAGE,
+    EIO_NOOP,
+    EIO_PING,
+    EIO_PONG,
+    NOOP,
+    PING,
+    PROBE,
+    PROBE_ANSWER,
+    RECORD_SEPARATOR,
+    PacketError,
+    decode_payload,
+)
+from services.socket.wsframe import text_frame
+
+if TYPE_CHECKING:
+    from services.socket.gateway import Connection
+    from services.socket.socketio.server import SocketIOServer
+
+
+class WsTransport:
+    """A websocket carrying Engine.IO packets; it is the gateway connection's `session`."""
+
+    __slots__ = (
+        "_close_timer",
+        "_ended",
+        "_fragments",
+        "_server",
+        "engine",
+        "open",
+        "probing",
+        "protocol",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        server: SocketIOServer,
+        transport: asyncio.Transport,
+        protocol: ServerProtocol,
+        engine: EngineSession,
+        probing: bool,
+    ) -> None:
+        self._server = server
+        self.transport = transport
+        self.protocol = protocol
+        self.engine = engine
+        self.probing = probing
+        self.open = True
+        self._ended = False
+        self._fragments: list[bytes] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, packet: bytes) -> None:
+        if self.open:
+            self.transport.write(text_frame(packet))
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            else:
+                self.transport.close()
+
+    # -- reading (the gateway calls feed, abort, connection_lost) ------------------------------
+    def feed(self, data: bytes) -> None:
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame):
+                self._on_frame(event)
+        self._flush()
+        if self.protocol.state is State.CLOSING or self.protocol.state is State.CLOSED:
+            self.open = False
+            self._arm_close_timer()
+            self._end()
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not frame.fin:
+                self._fragments = [frame.data]
+                return
+            self._on_message(frame.data, opcode is Opcode.TEXT)
+        elif opcode is Opcode.CONT and self._fragments is not None:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), None
+                self._on_message(data, True)
+
+    def _on_message(self, data: bytes, is_text: bool) -> None:
+        if not self.open:
+            return
+        if self.probing:
+            self.engine.on_probe_message(self, data.decode("utf-8", "replace") if is_text else "")
+        elif is_text:
+            self.engine.on_text(data.decode("utf-8", "replace"))
+        else:
+            self.engine.on_binary()
+
+    # -- closing -----------------------------------------------------------------------------
+    def close(self, code: int, reason: str = "") -> None:
+        """Starts the closing handshake; the TCP connection is cut if the client never answers."""
+        if not self.open:
+            return
+        self.open = False
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self._flush()
+        self._arm_close_timer()
+
+    def abort(self) -> None:
+        self.open = False
+        self.transport.abort()
+        self._end()
+
+    def _arm_close_timer(self) -> None:
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(
+                self._server.settings.close_timeout_s, self.transport.abort
+            )
+
+    def connection_lost(self) -> None:
+        self.open = False
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._end()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.engine.transport_closed(self)
+
+
+class EngineSession:
+    """One Engine.IO session; `SioSession` adds the Socket.IO layer on top."""
+
+    __slots__ = (
+        "_allowance",
+        "_budget",
+        "_flush_handle",
+        "_interval_s",
+        "_poll",
+        "_timeout_s",
+        "closing",
+        "deadline",
+        "max_age_at",
+        "next_ping_at",
+        "open",
+        "opened_at",
+        "ping_deadline",
+        "probe",
+        "queue",
+        "queued_bytes",
+        "server",
+        "sid",
+        "upgrading",
+        "wire",
+        "ws",
+    )
+
+    def __init__(self, server: SocketIOServer, sid: str) -> None:
+        settings = server.settings
+        now = time.monotonic()
+        self.server = server
+        self.sid = sid
+        self.ws: WsTransport | None = None
+        self.wire: asyncio.Transport | None = None  # the websocket's TCP transport, for deliver
+        self.probe: WsTransport | None = None
+        self.upgrading = False
+        self.open = True
+        self.closing = False  # a close packet waits in the poll queue
+        self.queue: list[bytes] = []
+        self.queued_bytes = 0
+        self._budget = settings.send_buffer_max_bytes
+        self._allowance = self._budget
+        self._poll: tuple[Connection, Request] | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._interval_s = settings.socketio_ping_interval_s
+        self._timeout_s = settings.socketio_ping_timeout_s
+        self.opened_at = now
+        self.next_ping_at = now + self._interval_s
+        self.ping_deadline: float | None = None
+        self.deadline: float | None = None  # probe or closing: when to give up
+        age_s = settings.max_connection_age_s
+        self.max_age_at = now + age_s * random.uniform(0.9, 1.1)
+
+    @property
+    def transport_name(self) -> str:
+        return "websocket" if self.ws is not None else "polling"
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(self, packet: bytes) -> None:
+        """A control, ack or replayed packet: always written."""
+        if not self.open:
+            return
+        ws = self.ws
+        if ws is not None:
+            ws.write(packet)
+            return
+        self.queue.append(packet)
+        self.queued_bytes += len(packet)
+        self._schedule_flush()
+
+    def deliver(self, packet: bytes, frame: bytes) -> bool:
+        """A live message (packet for polling, frame for the websocket); False when the unsent
+        data is over budget (then the caller closes us). The websocket path is the native
+        session's, inline: the same work per delivery."""
+        if not self.open:
+            return True
+        transport = self.wire
+        if transport is not None:
+            buffered = transport.get_write_buffer_size()
+            if buffered:  # usually 0: the kernel took everything written so far
+                if buffered > self._allowance:
+                    return False
+                if buffered <= self._budget:
+                    self._allowance = self._budget  # a replay's extra allowance ends once drained
+            transport.write(frame)
+            return True
+        if self.queued_bytes > self._allowance:
+            return False
+        self.queue.append(packet)
+        self.queued_bytes += len(packet)
+        self._schedule_flush()
+        return True
+
+    def replayed(self) -> None:
+        """A replay is bounded by what the client asked for: do not count it against live data."""
+        ws = self.ws
+        unsent = ws.transport.get_write_buffer_size() if ws is not None else self.queued_bytes
+        self._allowance = max(self._allowance, unsent)
+
+    # -- long-polling ------------------------------------------------------------------------
+    def poll(self, connection: Connection, request: Request) -> bytes | None:
+        """A GET: answered now when something is queued, else held until something is."""
+        if self._poll is not None:  # two polls at once: engine.io ends the session
+            self.terminate("poll overlap")
+            return self.server.error_response(request, 400, 3)
+        if self.queue or self.upgrading or self.closing:
+            return self._poll_response(request)
+        self._poll = (connection, request)
+        connection.hold(self._poll_lost)
+        return None
+
+    def _poll_lost(self) -> None:
+        self._poll = None  # what is queued waits for the next poll
+
+    def _schedule_flush(self) -> None:
+        if self._poll is not None and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_poll)
+
+    def _flush_poll(self) -> None:
+        self._flush_handle = None
+        held = self._poll
+        if held is None or not (self.queue or self.upgrading or self.closing):
+            return
+        self._poll = None
+        connection, request = held
+        if not connection.writable():  # gone: what is queued waits for the next poll
+            connection.on_lost = None
+            return
+        connection.release(request, self._poll_response(request))
+
+    def _poll_response(self, request: Request) -> bytes:
+        if self.queue:
+            body = RECORD_SEPARATOR.join(self.queue)
+            self.queue = []
+            self.queued_bytes = 0
+            self._allowance = self._budget
+        else:
+            body = NOOP
+        if self.closing:  # the close packet is on its way: the sid is gone
+            self.closing = False
+            self.server.forget(self)
+        return self.server.polling_response(request, body)
+
+    def post(self, request: Request) -> bytes:
+        if not self.open:  # closing: the close packet waits for the next poll
+            return self.server.post_response(request)
+        try:
+            packets = decode_payload(request.body)
+        except PacketError:
+            self.terminate("parse error")
+            return self.server.error_response(request, 400, 3)
+        for packet in packets:
+            if not self.open:
+                break
+            self.on_text(packet)
+        return self.server.post_response(request)
+
+    # -- packets from the client ------------------------------------------------------------
+    def on_text(self, text: str) -> None:
+        kind = text[:1]
+        if kind == EIO_MESSAGE:
+            self.on_message(text[1:])
+        elif kind == EIO_PONG:
+            self.ping_deadline = None
+            self.next_ping_at = time.monotonic() + self._interval_s
+        elif kind == EIO_CLOSE:
+            self.terminate("client close")
+        elif kind in (EIO_NOOP, EIO_PING):  # a ping from the client is protocol 3's: ignored
+            pass
+        elif kind == "b":
+            self.on_binary()
+        else:
+            self.terminate("parse error")
+
+    def on_message(self, text: str) -> None:  # pragma: no cover - SioSession overrides
+        raise NotImplementedError
+
+    def on_binary(self) -> None:  # pragma: no cover - SioSession overrides
+        raise NotImplementedError
+
+    def on_closed(self, reason: str) -> None:  # pragma: no cover - SioSession overrides
+        raise NotImplementedError
+
+    # -- upgrade -----------------------------------------------------------------------------
+    def start_probe(self, ws: WsTransport) -> None:
+        if self.probe is not None:
+            self.probe.close(CloseCode.NORMAL, "another probe")
+        self.probe = ws
+        self.deadline = time.monotonic() + self.server.settings.socketio_upgrade_timeout_s
+
+    def on_probe_message(self, ws: WsTransport, text: str) -> None:
+        if ws is not self.probe or not self.open:
+            ws.close(CloseCode.NORMAL)
+            return
+        if text == PROBE:
+            ws.write(PROBE_ANSWER)
+            self.upgrading = True
+            self._schedule_flush()  # a held poll returns now, so the client can pause polling
+        elif text == "5" and self.upgrading:
+            self._upgrade(ws)
+        else:
+            self._probe_failed(ws)
+
+    def _upgrade(self, ws: WsTransport) -> None:
+        self.probe = None
+        self.deadline = None
+        self.upgrading = False
+        ws.probing = False
+        held, self._poll = self._poll, None
+        if held is not None:
+            connection, request = held
+            connection.release(request, self.server.polling_response(request, NOOP))
+        self.ws = ws
+        self.wire = ws.transport
+        queued, self.queue, self.queued_bytes = self.queue, [], 0
+        self._allowance = self._budget
+        for packet in queued:
+            ws.write(packet)
+        self.server.upgraded()
+
+    def _probe_failed(self, ws: WsTransport) -> None:
+        if ws is self.probe:
+            self.probe = None
+            self.deadline = None
+            self.upgrading = False
+        ws.close(CloseCode.NORMAL)
+
+    def transport_closed(self, ws: WsTransport) -> None:
+        if ws is self.probe:
+            self._probe_failed(ws)
+        elif ws is self.ws:
+            self.terminate("transport close")
+
+    # -- heartbeat and ends -----------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Called about once a second: heartbeat, upgrade and close deadlines, maximum age."""
+        if not self.open:  # closing: the close packet waits for a poll, not forever
+            if self.closing and self.deadline is not None and now > self.deadline:
+                self.terminate("close not collected")
+            return
+        if self.deadline is not None and now > self.deadline and self.probe is not None:
+            self._probe_failed(self.probe)
+        if self.ping_deadline is not None:
+            if now > self.ping_deadline:
+                self.server.ping_timeouts.inc()
+                self.terminate("ping timeout")
+                return
+        elif now >= self.next_ping_at:
+            self.ping_deadline = now + self._timeout_s
+            self.send(PING)
+        if self.ws is not None and now >= self.max_age_at:
+            self.close(CloseCode.RESTART, "maximum connection age")
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Ends the session so that the client reconnects at once: a websocket close with
+        `code`, or an Engine.IO close packet on the next poll."""
+        if not self.open:
+            return
+        self.server.metrics_close(code)
+        ws = self.ws
+        if ws is not None:
+            self._end(reason)
+            ws.close(int(code), reason)
+            return
+        self.send(CLOSE)
+        self.open = False
+        self.closing = True
+        self.deadline = time.monotonic() + self._timeout_s
+        self.on_closed(reason)
+        self._flush_poll()
+
+    def close_slow(self) -> None:
+        """Over the send budget: the websocket gets 1013; a poll queue is dropped (the client's
+        next poll is refused with 400 and it reconnects, recovering from history)."""
+        if not self.open:
+            return
+        self.server.slow_closes.inc()
+        ws = self.ws
+        if ws is not None:
+            self.close(CloseCode.TRY_AGAIN_LATER, "too slow to keep up")
+            ws.transport.close()
+        else:
+            self.terminate("too slow to keep up")
+
+    def terminate(self, reason: str) -> None:
+        """Ends the session now; a held poll gets the close packet."""
+        if self.closing:
+            self.closing = False
+            self.server.forget(self)
+        if not self.open:
+            return
+        self._end(reason)
+        held, self._poll = self._poll, None
+        if held is not None:
+            connection, request = held
+            connection.release(request, self.server.polling_response(request, CLOSE))
+        if self.ws is not None:
+            self.ws.abort()
+
+    def _end(self, reason: str) -> None:
+        self.open = False
+        self.queue = []
+        self.queued_bytes = 0
+        self.server.forget(self)
+        if self.probe is not None:
+            probe, self.probe = self.probe, None
+            probe.close(CloseCode.NORMAL)
+        self.on_closed(reason)

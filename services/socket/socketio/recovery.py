@@ -1,0 +1,133 @@
+"""Connection state recovery across pods: the signed session id (pid) and the offsets.
+
+socket.io's client keeps two strings: the `pid` of its CONNECT packet and the last string argument
+of the last event it received (the offset); on reconnect it sends `{pid, offset}` in the CONNECT
+auth, and `socket.recovered` is true when the server answers with the same pid.
+
+A pod that never saw the session must find everything in those two strings:
+- pid = base64url(JSON {v, sid, sub, rooms, iat}) "." base64url(HMAC-SHA256): the socket.io id,
+  the token's subject (a pid only resumes for the same `sub`) and the rooms declared at connect.
+- offset = `<room>/<position>` on a message event (the room it came from and its id), or
+  `<room>/<position>/<ms>` on pubsock's own per-session events (`pubsock:joined`, `pubsock:left`),
+  or `/<ms>` when no room anchors it. A position is a message id or `@<ms>`, as on the websocket.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from services.core.channels import is_valid_channel
+from services.socket.history import parse_position_ms
+
+PID_VERSION = 1
+PID_MAX_CHARS = 16384
+OFFSET_MAX_CHARS = 300
+POSITION_MAX_CHARS = 128
+_DOMAIN = b"pubsock socket.io pid\x00"
+_MAC_BYTES = 16
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionId:
+    sid: str
+    sub: str | None
+    rooms: tuple[str, ...]
+    issued_at: int
+
+
+class PidSigner:
+    def __init__(self, secret: str) -> None:
+        self._key = secret.encode()
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._key, _DOMAIN + body, hashlib.sha256).digest()[:_MAC_BYTES]
+
+    def sign(self, sid: str, sub: str | None, rooms: list[str]) -> str:
+        body = orjson.dumps(
+            {"v": PID_VERSION, "sid": sid, "sub": sub, "rooms": rooms, "iat": int(time.time())}
+        )
+        return f"{_b64(body)}.{_b64(self._mac(body))}"
+
+    def verify(self, pid: object) -> SessionId | None:
+        """The session id's content, or None when it is malformed or not signed with our key."""
+        if not isinstance(pid, str) or len(pid) > PID_MAX_CHARS or pid.count(".") != 1:
+            return None
+        encoded_body, encoded_mac = pid.split(".")
+        try:
+            body, mac = _unb64(encoded_body), _unb64(encoded_mac)
+        except ValueError:
+            return None
+        if not hmac.compare_digest(mac, self._mac(body)):
+            return None
+        try:
+            claims = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(claims, dict) or claims.get("v") != PID_VERSION:
+            return None
+        sid, sub, rooms, issued = (claims.get(k) for k in ("sid", "sub", "rooms", "iat"))
+        if (
+            not isinstance(sid, str)
+            or not (sub is None or isinstance(sub, str))
+            or not isinstance(rooms, list)
+            or not all(is_valid_channel(room) for room in rooms)
+            or not isinstance(issued, int)
+        ):
+            return None
+        return SessionId(sid, sub, tuple(rooms), issued)
+
+
+@dataclass(frozen=True, slots=True)
+class Offset:
+    room: str | None  # the anchor: recovered exactly from `position`
+    position: str | None
+    sync_ms: int | None  # when the client was last in step (other rooms resume from here)
+
+
+def _valid_position(position: str) -> bool:
+    if not position or len(position) > POSITION_MAX_CHARS:
+        return False
+    if position.startswith("@"):
+        return parse_position_ms(position) is not None
+    return all(c.isascii() and (c.isalnum() or c in "_-") for c in position)
+
+
+def parse_offset(offset: object) -> Offset | None:
+    if not isinstance(offset, str) or len(offset) > OFFSET_MAX_CHARS:
+        return None
+    parts = offset.split("/")
+    if len(parts) == 2 and parts[0] == "":
+        ms = parts[1]
+        return Offset(None, None, int(ms)) if ms.isdigit() and len(ms) <= 15 else None
+    if len(parts) not in (2, 3) or not is_valid_channel(parts[0]) or not _valid_position(parts[1]):
+        return None
+    sync_ms: int | None = None
+    if len(parts) == 3:
+        if not parts[2].isdigit() or len(parts[2]) > 15:
+            return None
+        sync_ms = int(parts[2])
+    return Offset(parts[0], parts[1], sync_ms)
+
+
+def message_offset(channel: str, message_id: str) -> str:
+    return f"{channel}/{message_id}"
+
+
+def state_offset(room: str | None, position: str | None, now_ms: int) -> str:
+    if room is None or position is None:
+        return f"/{now_ms}"
+    return f"{room}/{position}/{now_ms}"

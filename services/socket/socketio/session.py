@@ -1,0 +1,550 @@
+"""The Socket.IO layer of a session: the default namespace, rooms (= channels), acks, recovery.
+
+Client events (each with an optional ack; every ack is one object with `ok`):
+- `join` (room | {room, since?}) -> {ok, room, position, recovered?}
+- `leave` (room) -> {ok, room}
+- `publish` (room, data) -> {ok, id, room} once Pub/Sub confirmed (same envelope as the HTTP API)
+- `presence` (room) -> {ok, room, count, members?}
+- `refresh` (token) -> {ok, expires_at}
+Errors: {ok: false, code, message} with the websocket error codes (`bad_request`, `bad_channel`,
+`forbidden`, `limit`) plus `too_large` and `unavailable` (with `id`: retry with it... via the API).
+
+Server events: the configured message event (data, meta, offset), and with connection state
+recovery `pubsock:joined` ({room, position}, offset) / `pubsock:left` ({room}, offset), whose
+offsets keep the client's recovery anchor current. See docs/socketio.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from services.core.auth import Claims, InvalidToken, verify_token
+from services.core.broker import BrokerUnavailable, OutgoingMessage
+from services.core.channels import is_valid_channel
+from services.core.closecodes import CloseCode
+from services.core.envelope import Envelope, dumps
+from services.core.ids import new_message_id
+from services.core.ratelimit import TokenBucket
+from services.socket.history import Entry
+from services.socket.socketio.engine import EngineSession
+from services.socket.socketio.protocol import (
+    BINARY_ACK,
+    BINARY_EVENT,
+    CONNECT,
+    DISCONNECT,
+    EVENT,
+    PacketError,
+    SioPacket,
+    ack_packet,
+    connect_error_packet,
+    connect_packet,
+    decode,
+    event_packet,
+)
+from services.socket.socketio.recovery import parse_offset, state_offset
+
+if TYPE_CHECKING:
+    from services.socket.socketio.server import SocketIOServer
+
+log = logging.getLogger(__name__)
+
+JOINED_EVENT = "pubsock:joined"
+LEFT_EVENT = "pubsock:left"
+POSITION_MAX_CHARS = 128
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"ok": False, "code": code, "message": message, **extra}
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str, room: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.room = room
+
+    def body(self) -> dict[str, Any]:
+        extra = {"room": self.room} if self.room is not None else {}
+        return _error(self.code, str(self), **extra)
+
+
+class SioSession(EngineSession):
+    __slots__ = (
+        "_backlog",
+        "_bucket",
+        "_busy",
+        "_dropped",
+        "_expiry_timer",
+        "_last_drop_at",
+        "_skip_binary",
+        "_unconnected_since",
+        "claims",
+        "connected",
+        "connecting",
+        "declared",
+        "pid",
+        "query_token",
+        "rooms",
+        "sio_sid",
+    )
+
+    def __init__(self, server: SocketIOServer, sid: str, query_token: str | None) -> None:
+        super().__init__(server, sid)
+        settings = server.settings
+        self.query_token = query_token
+        self.connected = False
+        self.connecting = False
+        self.sio_sid: str | None = None
+        self.pid: str | None = None
+        self.claims: Claims | None = None
+        self.rooms: dict[str, None] = {}  # joined, in join order
+        self.declared: tuple[str, ...] = ()  # rooms of the CONNECT auth (in the pid)
+        self._busy = False  # a join with `since` or a recovery is waiting: later packets queue
+        self._backlog: deque[SioPacket] = deque()
+        self._bucket = TokenBucket(settings.client_frames_per_s, settings.client_frames_burst)
+        self._dropped = 0
+        self._last_drop_at = 0.0
+        self._skip_binary = 0
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._unconnected_since = self.opened_at  # no namespace connected since then
+
+    @property
+    def sub(self) -> str | None:
+        return self.claims.sub if self.claims is not None else None
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        if (
+            self.open
+            and not self.connected
+            and not self.connecting
+            and now - self._unconnected_since > self.server.settings.socketio_connect_timeout_s
+        ):
+            self.terminate("no socket.io CONNECT")
+
+    # -- packets -----------------------------------------------------------------------------
+    def on_message(self, text: str) -> None:
+        try:
+            packet = decode(text)
+        except PacketError:
+            self.terminate("parse error")
+            return
+        if not self._within_rate(packet):
+            return
+        if packet.type == CONNECT:
+            self._on_connect(packet)
+            return
+        if packet.type in (BINARY_EVENT, BINARY_ACK):
+            self._skip_binary = packet.attachments
+            if packet.type == BINARY_EVENT and packet.id is not None and self.connected:
+                self._ack(packet.id, _error("bad_request", "binary attachments are not supported"))
+            return
+        if packet.nsp != "/" or not self.connected:
+            return
+        if packet.type == DISCONNECT:
+            self._detach()
+            return
+        if packet.type == EVENT:
+            if self._busy:
+                self._backlog.append(packet)
+            else:
+                self._on_event(packet)
+        # ACK: this server never asks a client for an ack.
+
+    def on_binary(self) -> None:
+        if self._skip_binary > 0:
+            self._skip_binary -= 1  # an attachment of a refused binary packet
+
+    def _within_rate(self, packet: SioPacket) -> bool:
+        """Client packets per second (CONNECTs too: each verifies a token): over the budget a
+        `limit` ack where one was asked for, still flooding 1013."""
+        now = time.monotonic()
+        if self._bucket.take(1.0, now) == 0.0:
+            if self._dropped and now - self._last_drop_at > 1.0:
+                self._dropped = 0
+            return True
+        self._dropped += 1
+        self._last_drop_at = now
+        if packet.type == EVENT and packet.id is not None and self.connected:
+            self._ack(packet.id, _error("limit", "too many events per second"))
+        if self._dropped > self.server.settings.client_frames_burst:
+            self.server.floods_closed()
+            self.close(CloseCode.TRY_AGAIN_LATER, "too many events")
+        return False
+
+    def _ack(self, ack_id: int | None, body: dict[str, Any]) -> None:
+        if ack_id is not None:
+            self.send(ack_packet(ack_id, [body]))
+
+    def _emit(self, *args: Any) -> None:
+        self.send(event_packet(list(args)))
+
+    # -- CONNECT -----------------------------------------------------------------------------
+    def _on_connect(self, packet: SioPacket) -> None:
+        server = self.server
+        if packet.nsp != "/":
+            self.send(connect_error_packet(packet.nsp, "Invalid namespace"))
+            server.connects.labels("refused").inc()
+            return
+        if self.connected or self.connecting:
+            return
+        auth: dict[str, Any] = packet.data or {}
+        token = auth.get("token")
+        try:
+            claims = server.authenticate(token if isinstance(token, str) else self.query_token)
+        except Refused as refused:
+            self._connect_error(refused)
+            return
+        if server.recovery and isinstance(auth.get("pid"), str):
+            self.connecting = True
+            self._busy = True
+            server.track(asyncio.get_running_loop().create_task(self._reconnect(auth, claims)))
+        else:
+            self._connect(auth, claims)
+
+    def _connect_error(self, refused: Refused) -> None:
+        data: dict[str, Any] = {"code": refused.code}
+        if refused.room is not None:
+            data["room"] = refused.room
+        self.send(connect_error_packet("/", str(refused), data))
+        self.server.connects.labels("refused").inc()
+
+    def _connect(self, auth: dict[str, Any], claims: Claims | None, result: str = "new") -> None:
+        """A new Socket.IO session: new id and pid, the declared rooms joined."""
+        server = self.server
+        try:
+            rooms = self._declared_rooms(auth.get("rooms"), claims)
+        except Refused as refused:
+            self._connect_error(refused)
+            return
+        self.claims = claims
+        self.sio_sid = secrets.token_urlsafe(15)
+        self.pid = server.signer.sign(self.sio_sid, self.sub, rooms) if server.recovery else None
+        self.declared = tuple(rooms)
+        self.connected = True
+        for room in rooms:
+            self._join(room)
+        self.send(connect_packet(self.sio_sid, self.pid))
+        if server.recovery:
+            for room in rooms:
+                self._emit_joined(room)
+        self._schedule_expiry()
+        server.connects.labels(result).inc()
+
+    def _declared_rooms(self, value: object, claims: Claims | None) -> list[str]:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(room, str) for room in value):
+            raise Refused("bad_request", "auth.rooms must be a list of room names")
+        rooms = list(dict.fromkeys(value))
+        if len(rooms) > self.server.settings.max_subscriptions_per_connection:
+            raise Refused("limit", "too many rooms")
+        for room in rooms:
+            self._check_room(room, claims)
+        return rooms
+
+    def _check_room(self, room: object, claims: Claims | None) -> str:
+        if not is_valid_channel(room):
+            raise Refused("bad_channel", "invalid room name")
+        assert isinstance(room, str)
+        if claims is not None and not claims.may_subscribe(room):
+            raise Refused("forbidden", "the token does not allow this room", room)
+        return room
+
+    async def _reconnect(self, auth: dict[str, Any], claims: Claims | None) -> None:
+        try:
+            if await self._recover(auth, claims):
+                self.server.connects.labels("recovered").inc()
+        except Exception:
+            log.exception("socket.io recovery failed")
+        finally:
+            self.connecting = False
+        if self.open and not self.connected:
+            self._connect(auth, claims, result="not_recovered")
+        self._unbusy()
+
+    async def _recover(self, auth: dict[str, Any], claims: Claims | None) -> bool:
+        """Resumes the session on this pod from its pid and offset; False: start a new one.
+
+        The offset's room (the anchor) resumes exactly after its position; the other rooms from
+        the anchor's time minus POSITION_SLACK_MS (never a gap; a message of that moment may come
+        twice, with the same meta.id). No `await` between taking history and joining live.
+        """
+        server = self.server
+        session_id = server.signer.verify(auth.get("pid"))
+        if session_id is None or session_id.sub != (claims.sub if claims else None):
+            return False
+        offset = parse_offset(auth.get("offset"))
+        if offset is None:
+            return False
+        try:
+            listed = auth.get("rooms")
+            declared = (
+                list(session_id.rooms) if listed is None else self._declared_rooms(listed, claims)
+            )
+            rooms = dict.fromkeys(declared)
+            if offset.room is not None:
+                rooms[offset.room] = None
+            for room in rooms:
+                self._check_room(room, claims)
+        except Refused:
+            return False
+        if len(rooms) > server.settings.max_subscriptions_per_connection:
+            return False
+        replay: list[tuple[str, Entry]] = []
+        sync_ms = offset.sync_ms
+        if offset.room is not None and offset.position is not None:
+            recovery = await server.hub.recover(offset.room, offset.position)
+            if not recovery.recovered:
+                return False
+            replay.extend((offset.room, entry) for entry in recovery.entries)
+            if sync_ms is None:
+                sync_ms = server.position_ms(offset.room, offset.position)
+        if not self.open or sync_ms is None:
+            return False
+        history = server.history
+        for room in rooms:
+            if room == offset.room:
+                continue
+            recovery = history.recover(room, f"@{sync_ms}")
+            if recovery is None or not recovery.recovered:
+                return False
+            replay.extend((room, entry) for entry in recovery.entries)
+        replay.sort(key=lambda pair: pair[1].seq)
+        self.claims = claims
+        self.sio_sid = session_id.sid
+        self.pid = auth["pid"]
+        self.declared = tuple(declared)
+        self.connected = True
+        for room in rooms:
+            self._join(room)
+        # As socket.io does: the missed events first (the client buffers them until CONNECT).
+        for room, entry in replay:
+            self.send(server.frames.build(room, entry)[0])
+        self.replayed()
+        self.send(connect_packet(self.sio_sid, self.pid))
+        self._schedule_expiry()
+        return True
+
+    # -- events ------------------------------------------------------------------------------
+    def _on_event(self, packet: SioPacket) -> None:
+        name, *args = packet.data
+        handler = _HANDLERS.get(name) if isinstance(name, str) else None
+        if handler is None:
+            self._ack(packet.id, _error("bad_request", "unknown event"))
+            return
+        try:
+            handler(self, args, packet.id)
+        except Refused as refused:
+            self.server.client_errors(refused.code)
+            self._ack(packet.id, refused.body())
+
+    def _on_join(self, args: list[Any], ack_id: int | None) -> None:
+        target = args[0] if args else None
+        since: object = None
+        if isinstance(target, dict):
+            since = target.get("since")
+            target = target.get("room")
+        room = self._check_room(target, self.claims)
+        if room not in self.rooms and (
+            len(self.rooms) >= self.server.settings.max_subscriptions_per_connection
+        ):
+            raise Refused("limit", "too many rooms", room)
+        if since is None:
+            self._join(room)
+            position = self.server.history.position(room)
+            self._ack(ack_id, {"ok": True, "room": room, "position": position})
+            if self.server.recovery:
+                self._emit_joined(room)
+            return
+        if not isinstance(since, str) or not 0 < len(since) <= POSITION_MAX_CHARS:
+            raise Refused("bad_request", "since must be a position string", room)
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(self._join_since(room, since, ack_id))
+        self.server.track(task)
+
+    async def _join_since(self, room: str, since: str, ack_id: int | None) -> None:
+        try:
+            recovery = await self.server.hub.recover(room, since)
+            if self.open and self.connected:
+                # No await between taking the history slice and joining the live stream.
+                self._join(room)
+                position = self.server.history.position(room)
+                self._ack(
+                    ack_id,
+                    {
+                        "ok": True,
+                        "room": room,
+                        "position": position,
+                        "recovered": recovery.recovered,
+                    },
+                )
+                for entry in recovery.entries:
+                    self.send(self.server.frames.build(room, entry)[0])
+                self.replayed()
+                if self.server.recovery:
+                    self._emit_joined(room)
+        finally:
+            self._unbusy()
+
+    def _on_leave(self, args: list[Any], ack_id: int | None) -> None:
+        room = args[0] if args else None
+        if not is_valid_channel(room):
+            raise Refused("bad_channel", "invalid room name")
+        assert isinstance(room, str)
+        self._leave(room)
+        self._ack(ack_id, {"ok": True, "room": room})
+
+    def _on_publish(self, args: list[Any], ack_id: int | None) -> None:
+        server = self.server
+        if len(args) < 2:
+            raise Refused("bad_request", "publish takes (room, data)")
+        room, data = args[0], args[1]
+        if not is_valid_channel(room):
+            raise Refused("bad_channel", "invalid room name")
+        assert isinstance(room, str)
+        if not server.may_publish(self.claims, room):
+            server.publishes.labels("forbidden").inc()
+            raise Refused("forbidden", "the token may not publish to this room", room)
+        try:
+            encoded = dumps(data)
+        except (TypeError, ValueError):  # pragma: no cover - JSON from the client re-encodes
+            raise Refused("bad_request", "data cannot be encoded as JSON", room) from None
+        limit = server.settings.max_message_bytes
+        if len(encoded) > limit:
+            server.publishes.labels("rejected").inc()
+            raise Refused("too_large", f"data is {len(encoded)} bytes; the limit is {limit}", room)
+        envelope = Envelope(new_message_id(), room, orjson.Fragment(encoded), _now_ms(), self.sub)
+        # Tasks start in creation order, so the broker sees publishes in the order they came.
+        server.track(asyncio.get_running_loop().create_task(self._publish(envelope, ack_id)))
+
+    async def _publish(self, envelope: Envelope, ack_id: int | None) -> None:
+        server = self.server
+        message = OutgoingMessage(envelope.encode(), envelope.channel, envelope.attributes())
+        try:
+            await server.broker.publish(message)
+        except Exception as exc:
+            if not isinstance(exc, BrokerUnavailable):
+                log.error("socket.io publish failed unexpectedly", exc_info=exc)
+            server.publishes.labels("unavailable").inc()
+            self._ack(
+                ack_id,
+                _error(
+                    "unavailable",
+                    "not confirmed by Pub/Sub; the outcome is unknown",
+                    id=envelope.id,
+                    room=envelope.channel,
+                ),
+            )
+            return
+        server.publishes.labels("accepted").inc()
+        self._ack(ack_id, {"ok": True, "id": envelope.id, "room": envelope.channel})
+
+    def _on_presence(self, args: list[Any], ack_id: int | None) -> None:
+        room = self._check_room(args[0] if args else None, self.claims)
+        count, members = self.server.presence_of(room)
+        body: dict[str, Any] = {"ok": True, "room": room, "count": count}
+        if len(members) <= self.server.settings.presence_members_max:
+            body["members"] = [{"sub": sub} for sub in members]
+        self._ack(ack_id, body)
+
+    def _on_refresh(self, args: list[Any], ack_id: int | None) -> None:
+        token = args[0] if args else None
+        secret = self.server.settings.token_secret
+        if not secret:
+            raise Refused("bad_request", "this server does not use tokens")
+        if not isinstance(token, str):
+            raise Refused("bad_request", "refresh takes (token)")
+        try:
+            claims = verify_token(token, secret)
+        except InvalidToken:
+            raise Refused("forbidden", "invalid or expired token") from None
+        if self.claims is not None and claims.sub != self.claims.sub:
+            raise Refused("forbidden", "the new token is for another sub")
+        self.claims = claims
+        self._schedule_expiry()
+        for room in [r for r in self.rooms if not claims.may_subscribe(r)]:
+            self._leave(room)
+        self._ack(ack_id, {"ok": True, "expires_at": claims.exp})
+
+    # -- rooms -------------------------------------------------------------------------------
+    def _join(self, room: str) -> None:
+        if room not in self.rooms:
+            self.rooms[room] = None
+            self.server.room_add(room, self)
+
+    def _leave(self, room: str) -> None:
+        if room in self.rooms:
+            del self.rooms[room]
+            self.server.room_remove(room, self)
+            if self.server.recovery:
+                self._emit_left(room)
+
+    def _emit_joined(self, room: str) -> None:
+        """Moves the client's recovery anchor to this room, at where it stands now."""
+        position = self.server.history.position(room)
+        self._emit(
+            JOINED_EVENT,
+            {"room": room, "position": position},
+            state_offset(room, position, _now_ms()),
+        )
+
+    def _emit_left(self, room: str) -> None:
+        """The anchor moves to the latest joined room not declared at connect, if any."""
+        anchor = next((r for r in reversed(self.rooms) if r not in self.declared), None)
+        position = self.server.history.position(anchor) if anchor is not None else None
+        self._emit(LEFT_EVENT, {"room": room}, state_offset(anchor, position, _now_ms()))
+
+    def _detach(self) -> None:
+        """Leaves every room (a Socket.IO disconnect, or the session's end)."""
+        if self.connected:
+            self._unconnected_since = time.monotonic()
+        self.connected = False
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        for room in list(self.rooms):
+            self.server.room_remove(room, self)
+        self.rooms.clear()
+        self._backlog.clear()
+
+    def _unbusy(self) -> None:
+        self._busy = False
+        while self._backlog and not self._busy and self.open and self.connected:
+            self._on_event(self._backlog.popleft())
+
+    # -- token expiry ------------------------------------------------------------------------
+    def _schedule_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self.claims is not None:
+            delay_s = max(0.0, self.claims.exp - time.time())
+            self._expiry_timer = asyncio.get_running_loop().call_later(delay_s, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry_timer = None
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def on_closed(self, reason: str) -> None:
+        self._detach()
+
+
+_HANDLERS = {
+    "join": SioSession._on_join,
+    "leave": SioSession._on_leave,
+    "publish": SioSession._on_publish,
+    "presence": SioSession._on_presence,
+    "refresh": SioSession._on_refresh,
+}

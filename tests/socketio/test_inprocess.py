@@ -1,0 +1,234 @@
+"""socket.io recovery and lifecycle on one real pod in this process (memory broker), driven by
+the real socket.io-client in Node: fast, and no emulator needed.
+
+A "drop" cuts the Engine.IO connection as a network failure would; the client reconnects by
+itself with its pid and offset, to the same pod (what another pod does with them is the same code,
+and tests/socketio/test_socketio.py checks it across pods after a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from services.core.auth import mint_token
+from services.core.broker import OutgoingMessage
+from services.core.broker.memory import MemoryBroker
+from services.core.envelope import Envelope
+from services.core.ids import new_message_id
+from services.socket.pod import Pod
+from services.socket.settings import SocketSettings
+from tests.socketio.support import SioDriver, install_node_modules
+
+SECRET = "in-process-secret-0123456789abcdef0123"
+RECONNECT = {"reconnectionDelay": 300, "reconnectionDelayMax": 300, "randomizationFactor": 0}
+TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"]}
+_rooms = itertools.count(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _node() -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node and npm are required")
+    install_node_modules()
+
+
+@pytest.fixture
+async def pod() -> AsyncIterator[Pod]:
+    settings = SocketSettings(
+        broker="memory",
+        host="127.0.0.1",
+        port=0,
+        pod_name="inproc",
+        token_secret=SECRET,
+        position_slack_ms=0,  # positions of other rooms resume exactly from the anchor's time
+        recovery_wait_s=0.5,
+        socketio_connect_timeout_s=1,
+        client_frames_per_s=5,
+        client_frames_burst=10,
+        warm_start_timeout_s=2,
+        drain_close_window_s=0,
+        close_timeout_s=1,
+        shutdown_cleanup_s=1,
+        log_level="WARNING",
+    )
+    running = Pod(settings, MemoryBroker())
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.drain()
+
+
+@pytest.fixture
+async def driver() -> AsyncIterator[SioDriver]:
+    running = await SioDriver.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+def room() -> str:
+    return f"room:inproc-{next(_rooms)}"
+
+
+def url(pod: Pod) -> str:
+    return f"http://127.0.0.1:{pod.port}"
+
+
+def token(sub: str = "ann", channels: tuple[str, ...] = ("room:*",)) -> str:
+    return mint_token(SECRET, sub, list(channels), [], 600)[0]
+
+
+async def publish(pod: Pod, channel: str, data: Any) -> str:
+    """Publishes as the api does and waits until the pod has it (so publish times differ)."""
+    envelope = Envelope(new_message_id(), channel, data, int(time.time() * 1000))
+    await pod.broker.publish(OutgoingMessage(envelope.encode(), channel, envelope.attributes()))
+    async with asyncio.timeout(5):
+        while not pod.history.contains(channel, envelope.id):
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.01)
+    return envelope.id
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+async def test_a_joined_client_recovers_before_its_first_message(
+    pod: Pod, driver: SioDriver, room: str, transport: str
+) -> None:
+    """`join` sends `pubsock:joined`, whose offset anchors recovery even with no message yet."""
+    opts = {"transports": TRANSPORTS[transport], "auth": {"token": token()}, **RECONNECT}
+    assert (await driver.connect("c", url(pod), **opts))["recovered"] is False
+    assert (await driver.emit("c", "join", room))["ok"]
+    since = len(driver.records)
+    await driver.drop("c")
+    ids = [await publish(pod, room, n) for n in range(3)]
+    again = await driver.reconnected("c", since)
+    assert again["ev"] == "connect" and again["recovered"] is True
+    assert again["id"] == driver.of("c", "connect")[0]["id"]  # the same socket.id
+    ids.append(await publish(pod, room, 3))
+    assert await driver.wait_messages("c", room, 4) == ids
+
+
+async def test_declared_rooms_recover_together(pod: Pod, driver: SioDriver) -> None:
+    """Rooms of `auth.rooms` are in the pid: all come back; the anchor room exactly, the others
+    from the anchor's time (POSITION_SLACK_MS is 0 here, so exactly too)."""
+    a, b = f"room:a{next(_rooms)}", f"room:b{next(_rooms)}"
+    opts = {"transports": ["websocket"], "auth": {"token": token(), "rooms": [a, b]}, **RECONNECT}
+    await driver.connect("c", url(pod), **opts)
+    want = {a: [await publish(pod, a, "a1")], b: [await publish(pod, b, "b1")]}
+    await driver.wait_messages("c", b, 1)
+    since = len(driver.records)
+    await driver.drop("c")
+    for channel, data in ((a, "a2"), (b, "b2"), (a, "a3")):
+        want[channel].append(await publish(pod, channel, data))
+    again = await driver.reconnected("c", since)
+    assert again["recovered"] is True
+    assert await driver.wait_messages("c", a, 3) == want[a]
+    assert await driver.wait_messages("c", b, 2) == want[b]
+
+
+async def test_join_with_since_replays_and_leave_is_remembered(
+    pod: Pod, driver: SioDriver, room: str
+) -> None:
+    first = await publish(pod, room, 1)
+    later = [await publish(pod, room, n) for n in (2, 3)]
+    await driver.connect(
+        "c", url(pod), transports=["websocket"], auth={"token": token()}, **RECONNECT
+    )
+    ack = await driver.emit("c", "join", {"room": room, "since": first})
+    assert ack["ok"] and ack["recovered"] is True and ack["position"] == later[-1]
+    assert await driver.wait_messages("c", room, 2) == later
+    assert await driver.emit("c", "leave", room) == {"ok": True, "room": room}
+    await publish(pod, room, 4)
+    since = len(driver.records)
+    await driver.drop("c")
+    await publish(pod, room, 5)
+    again = await driver.reconnected("c", since)
+    assert again["recovered"] is True
+    await publish(pod, room, 6)
+    await asyncio.sleep(0.3)
+    assert driver.message_ids("c", room) == later  # left, and still left after recovering
+
+
+async def test_a_foreign_or_forged_pid_starts_a_new_session(
+    pod: Pod, driver: SioDriver, room: str
+) -> None:
+    assert pod.socketio is not None
+    pid = pod.socketio.signer.sign("sid-of-ann", "ann", [room])
+    offset = f"{room}/@{int(time.time() * 1000)}"
+    ws = {"transports": ["websocket"], "reconnection": False}
+    other_sub = await driver.connect(
+        "bob", url(pod), auth={"token": token("bob"), "pid": pid, "offset": offset}, **ws
+    )
+    # The server resumes a session under its old socket.id; the client's own `recovered` needs
+    # the pid it stored itself, so it is false for a hand-fed pid either way.
+    assert other_sub["ev"] == "connect" and other_sub["id"] != "sid-of-ann"
+    forged = await driver.connect(
+        "eve", url(pod), auth={"token": token("ann"), "pid": pid + "x", "offset": offset}, **ws
+    )
+    assert forged["ev"] == "connect" and forged["id"] != "sid-of-ann"
+    owner = await driver.connect(
+        "ann", url(pod), auth={"token": token("ann"), "pid": pid, "offset": offset}, **ws
+    )
+    assert owner["ev"] == "connect" and owner["id"] == "sid-of-ann"
+
+
+async def test_rooms_cost_the_native_path_nothing_when_empty(
+    pod: Pod, driver: SioDriver, room: str
+) -> None:
+    """The hub calls into socket.io only while a socket.io client is in some room on the pod."""
+    assert pod.hub.sidecar is None
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    assert pod.hub.sidecar is None
+    await driver.emit("c", "join", room)
+    assert pod.hub.sidecar is not None
+    await driver.emit("c", "leave", room)
+    assert pod.hub.sidecar is None
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+async def test_drain_ends_sessions_so_clients_reconnect(
+    pod: Pod, driver: SioDriver, room: str, transport: str
+) -> None:
+    opts = {"transports": TRANSPORTS[transport], "auth": {"token": token()}, **RECONNECT}
+    await driver.connect("c", url(pod), **opts)
+    await driver.emit("c", "join", room)
+    started = time.monotonic()
+    await pod.drain()
+    record = await driver.wait_for(
+        lambda r: r["ev"] == "disconnect" and r["name"] == "c", "the drain's disconnect", 5
+    )
+    # Not a ping timeout: the client reconnects at once. A websocket gets 1012; a poll gets the
+    # close packet, or (its next request on a new connection, the pod no longer listening) an
+    # error.
+    assert record["reason"] in ("transport close", "transport error"), record
+    assert time.monotonic() - started < 5
+
+
+async def test_a_session_that_never_connects_is_dropped(pod: Pod) -> None:
+    base = f"{url(pod)}/socket.io/"
+    async with httpx.AsyncClient(timeout=5) as client:
+        opened = await client.get(base, params={"EIO": 4, "transport": "polling"})
+        sid = opened.text[opened.text.index('"sid":"') + 7 :].split('"')[0]
+        assert pod.socketio is not None and sid in pod.socketio.sessions
+        await asyncio.sleep(2.2)  # SOCKETIO_CONNECT_TIMEOUT_S is 1 here
+        assert sid not in pod.socketio.sessions
+        late = await client.post(base, params={"EIO": 4, "transport": "polling", "sid": sid})
+        assert late.status_code == 400 and late.json()["message"] == "Session ID unknown"
+
+
+async def test_too_many_events_get_limit_acks(pod: Pod, driver: SioDriver, room: str) -> None:
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    acks = await asyncio.gather(*(driver.emit("c", "presence", room) for _ in range(18)))
+    codes = [ack.get("code", "ok") for ack in acks]
+    assert codes.count("limit") >= 3 and codes.count("ok") >= 9, codes
+    assert not driver.of("c", "disconnect")  # limited, not yet a flood
