@@ -55,6 +55,8 @@ class Hub:
         # Set only while another kind of subscriber (socket.io rooms) exists on this pod: called
         # once per live message, never per connection.
         self.sidecar: Callable[[str, Entry], None] | None = None
+        self._batching = False
+        self._pending: dict[Subscriber, list[bytes]] = {}
 
     # -- delivery ----------------------------------------------------------------------------
     def publish(self, channel: str, entry: Entry, live: bool = True) -> None:
@@ -70,14 +72,47 @@ class Hub:
         sessions = self._channels.get(channel)
         if not sessions:
             return
-        slow: list[Subscriber] | None = None
         frame = entry.frame
+        self._metrics.frames_sent.inc(len(sessions))
+        if self._batching:
+            pending = self._pending
+            for session in sessions:
+                frames = pending.get(session)
+                if frames is None:
+                    pending[session] = [frame]
+                else:
+                    frames.append(frame)
+            return
+        slow: list[Subscriber] | None = None
         for session in sessions:
             if not session.deliver(frame):
                 if slow is None:
                     slow = []
                 slow.append(session)
-        self._metrics.frames_sent.inc(len(sessions))
+        if slow:
+            for session in slow:
+                session.close_slow()
+
+    def begin_batch(self) -> None:
+        """Until `end_batch`, frames are collected per session instead of written one by one.
+
+        Writing is most of a delivery's cost (one `send` system call each); when the pump hands
+        over several messages at once (it is behind), each connection gets one write for all.
+        """
+        self._batching = True
+
+    def end_batch(self) -> None:
+        self._batching = False
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = {}
+        slow: list[Subscriber] | None = None
+        for session, frames in pending.items():
+            if not session.deliver(frames[0] if len(frames) == 1 else b"".join(frames)):
+                if slow is None:
+                    slow = []
+                slow.append(session)
         if slow:
             for session in slow:
                 session.close_slow()

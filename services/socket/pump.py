@@ -146,8 +146,12 @@ class Pump:
                 await self._reopen(broken_at_ms, deaf=deaf_since is not None)
                 continue
             self.last_delivery_at = time.monotonic()
-            for delivery in batch:
-                self.handle(delivery)
+            self._hub.begin_batch()
+            try:
+                for delivery in batch:
+                    self.handle(delivery)
+            finally:
+                self._hub.end_batch()
 
     def handle(self, delivery: Delivery) -> None:
         if delivery.attributes.get(KIND_ATTRIBUTE):

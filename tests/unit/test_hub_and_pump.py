@@ -157,3 +157,22 @@ def test_presence_reannouncing_the_same_members_emits_no_events():
     announce("snapshot", 4, {})
     assert events[-1] == ("demo:lobby", "leave", "Grace")
     assert presence.count("demo:lobby") == (0, [])
+
+
+def test_a_batch_is_one_write_per_session_in_order():
+    """Messages handled together reach each session as one write, in their order."""
+    pump, hub, _, metrics = make_pump()
+    first, second = FakeSession(), FakeSession()
+    hub.add("a", first)
+    hub.add("b", first)
+    hub.add("a", second)
+    hub.begin_batch()
+    for n, channel in enumerate(["a", "b", "a"]):
+        pump.handle(delivery(Envelope(f"id-{n}", channel, n, 1)))
+    assert first.frames == [] and second.frames == []  # nothing written before the end
+    hub.end_batch()
+    assert len(first.frames) == 1 and len(second.frames) == 1
+    chunk = first.frames[0]
+    assert chunk.index(b'"id-0"') < chunk.index(b'"id-1"') < chunk.index(b'"id-2"')
+    assert b'"id-1"' not in second.frames[0] and b'"id-2"' in second.frames[0]
+    assert metrics.frames_sent._value.get() == 5
