@@ -218,27 +218,10 @@ class Connection(asyncio.Protocol):
             )
             transport.close()
             return
-        protocol = ServerProtocol(max_size=self._pod.settings.max_frame_bytes, logger=_ws_logger)
-        protocol.receive_data(head)
-        events = protocol.events_received()
-        if not events or not isinstance(events[0], WsRequest):
-            self._fail(HttpError(400, "invalid websocket handshake"))
-            return
-        response = protocol.accept(events[0])
-        response.headers["X-Pubsock-Pod"] = self._pod.settings.pod_name
-        protocol.send_response(response)
-        for data in protocol.data_to_send():
-            if data:
-                transport.write(data)
-        if response.status_code != 101:
-            self._pod.metrics.handshake_rejections.labels("invalid").inc()
-            transport.close()
-            return
-        self._disarm()
-        session = Session(self._pod, transport, protocol, admission)
-        self.session = session
-        self._pod.session_opened(session)
-        if self._buffer:
-            rest = bytes(self._buffer)
-            self._buffer.clear()
-            session.feed(rest)
+
+        def open_session(transport: asyncio.Transport, protocol: ServerProtocol) -> Session:
+            session = Session(self._pod, transport, protocol, admission)
+            self._pod.session_opened(session)
+            return session
+
+        self.upgrade_with(request, head, open_session)

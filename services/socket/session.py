@@ -14,7 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import orjson
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -36,7 +36,7 @@ from services.core.protocol import (
     unsubscribed_frame,
 )
 from services.core.ratelimit import TokenBucket
-from services.socket.wsframe import text_frame
+from services.socket.wsframe import MessageAssembler, text_frame
 
 if TYPE_CHECKING:
     from services.socket.pod import Pod
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 class Session:
     __slots__ = (
         "_allowance",
+        "_assembler",
         "_backlog",
         "_bucket",
         "_budget",
@@ -54,7 +55,6 @@ class Session:
         "_close_timer",
         "_dropped",
         "_expiry_timer",
-        "_fragments",
         "_last_drop_at",
         "_pod",
         "channels",
@@ -92,7 +92,7 @@ class Session:
         self._budget = self._allowance = pod.settings.send_buffer_max_bytes
         self._busy = False  # a subscribe is waiting for recovery: later frames queue behind it
         self._backlog: deque[ClientFrame] = deque()
-        self._fragments: list[bytes] | None = None
+        self._assembler = MessageAssembler()
         self._close_timer: asyncio.TimerHandle | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         settings = pod.settings
@@ -158,17 +158,9 @@ class Session:
             self._closing()
 
     def _on_frame(self, frame: Frame) -> None:
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if not frame.fin:
-                self._fragments = [frame.data]
-                return
-            self._on_message(frame.data, opcode is Opcode.TEXT)
-        elif opcode is Opcode.CONT and self._fragments is not None:
-            self._fragments.append(frame.data)
-            if frame.fin:
-                data, self._fragments = b"".join(self._fragments), None
-                self._on_message(data, True)
+        message = self._assembler.add(frame)
+        if message is not None:
+            self._on_message(*message)
 
     def _on_message(self, data: bytes, is_text: bool) -> None:
         if not self.open or not self._within_rate():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import struct
 
+from websockets.frames import Frame, Opcode
+
 _FIN_TEXT = 0x81
 
 
@@ -19,3 +21,31 @@ def text_frame(payload: bytes) -> bytes:
     if length < 65536:
         return struct.pack("!BBH", _FIN_TEXT, 126, length) + payload
     return struct.pack("!BBQ", _FIN_TEXT, 127, length) + payload
+
+
+class MessageAssembler:
+    """Client messages out of websocket frames, fragmented ones joined (RFC 6455 section 5.4).
+
+    The size of a whole message is bounded by the sans-I/O protocol's `max_size` (1009 beyond).
+    """
+
+    __slots__ = ("_fragments", "_is_text")
+
+    def __init__(self) -> None:
+        self._fragments: list[bytes] | None = None
+        self._is_text = True
+
+    def add(self, frame: Frame) -> tuple[bytes, bool] | None:
+        """(data, is_text) once a message is complete; None for control frames and fragments."""
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                return frame.data, opcode is Opcode.TEXT
+            self._fragments = [frame.data]
+            self._is_text = opcode is Opcode.TEXT
+        elif opcode is Opcode.CONT and self._fragments is not None:
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), None
+                return data, self._is_text
+        return None

@@ -19,7 +19,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -40,7 +40,7 @@ from services.socket.socketio.protocol import (
     PacketError,
     decode_payload,
 )
-from services.socket.wsframe import text_frame
+from services.socket.wsframe import MessageAssembler, text_frame
 
 if TYPE_CHECKING:
     from services.socket.gateway import Connection
@@ -51,9 +51,9 @@ class WsTransport:
     """A websocket carrying Engine.IO packets; it is the gateway connection's `session`."""
 
     __slots__ = (
+        "_assembler",
         "_close_timer",
         "_ended",
-        "_fragments",
         "_server",
         "engine",
         "open",
@@ -77,7 +77,7 @@ class WsTransport:
         self.probing = probing
         self.open = True
         self._ended = False
-        self._fragments: list[bytes] | None = None
+        self._assembler = MessageAssembler()
         self._close_timer: asyncio.TimerHandle | None = None
 
     # -- writing -----------------------------------------------------------------------------
@@ -105,17 +105,9 @@ class WsTransport:
             self._end()
 
     def _on_frame(self, frame: Frame) -> None:
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if not frame.fin:
-                self._fragments = [frame.data]
-                return
-            self._on_message(frame.data, opcode is Opcode.TEXT)
-        elif opcode is Opcode.CONT and self._fragments is not None:
-            self._fragments.append(frame.data)
-            if frame.fin:
-                data, self._fragments = b"".join(self._fragments), None
-                self._on_message(data, True)
+        message = self._assembler.add(frame)
+        if message is not None:
+            self._on_message(*message)
 
     def _on_message(self, data: bytes, is_text: bool) -> None:
         if not self.open:
