@@ -245,11 +245,16 @@ async def test_a_deleted_subscription_is_recreated(faulty, channel):
     pod = faulty.sockets[1]
     client = await WsClient.connect(pod.ws_url)
     await client.subscribe(channel)
+    listing = f"http://{faulty.emulator.host}/v1/projects/local-project/subscriptions"
     async with httpx.AsyncClient() as http:
-        subs = (
-            await http.get(f"http://{faulty.emulator.host}/v1/projects/local-project/subscriptions")
-        ).json()
-        mine = [s["name"] for s in subs["subscriptions"] if "socket-2" in s["name"]]
+        # After the emulator restart of the test before, the pod may still be recreating it.
+        async with asyncio.timeout(30):
+            while True:
+                subs = (await http.get(listing)).json().get("subscriptions", [])
+                mine = [s["name"] for s in subs if "socket-2" in s["name"]]
+                if mine:
+                    break
+                await asyncio.sleep(0.2)
         assert len(mine) == 1
         await http.delete(f"http://{faulty.emulator.host}/v1/{mine[0]}")
     assert await client.wait_closed(30) == 1013  # the break cannot be proven gap-free
