@@ -45,6 +45,7 @@ deploy:
 bench: $(STAMP) system-deps
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench
+	$(PY) -m bench.socketio_bench --clients 500 --messages 1800 --rate 60 --rounds 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
