@@ -216,8 +216,8 @@ async def test_api_answers_503_with_retry_after_when_pubsub_is_unreachable(clust
         api.process.stop()
 
 
-async def test_websockets_library_client_sees_standard_close_on_shutdown(cluster):
-    """Sanity: a plain websockets client can connect through every socket pod's /ws."""
+async def test_a_plain_websockets_client_works_on_every_pod(cluster):
+    """A plain `websockets` client (no test helper) connects to every pod's /ws and gets a pong."""
     for pod in cluster.sockets:
         async with websockets.connect(pod.ws_url) as ws:
             await ws.send('{"type":"ping"}')
