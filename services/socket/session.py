@@ -35,7 +35,7 @@ from services.core.protocol import (
     subscribed_frame,
     unsubscribed_frame,
 )
-from services.core.ratelimit import TokenBucket
+from services.socket.guards import Flood, FloodGuard, TokenExpiry
 from services.socket.wsframe import MessageAssembler, text_frame
 
 if TYPE_CHECKING:
@@ -49,13 +49,11 @@ class Session:
         "_allowance",
         "_assembler",
         "_backlog",
-        "_bucket",
         "_budget",
         "_busy",
         "_close_timer",
-        "_dropped",
-        "_expiry_timer",
-        "_last_drop_at",
+        "_expiry",
+        "_flood",
         "_pod",
         "channels",
         "claims",
@@ -94,28 +92,16 @@ class Session:
         self._backlog: deque[ClientFrame] = deque()
         self._assembler = MessageAssembler()
         self._close_timer: asyncio.TimerHandle | None = None
-        self._expiry_timer: asyncio.TimerHandle | None = None
         settings = pod.settings
-        self._bucket = TokenBucket(settings.client_frames_per_s, settings.client_frames_burst)
-        self._dropped = 0
-        self._last_drop_at = 0.0
-        self._schedule_expiry()
+        self._flood = FloodGuard(settings.client_frames_per_s, settings.client_frames_burst)
+        self._expiry = TokenExpiry(self._expired)
+        self._expiry.schedule(claims)
 
     @property
     def sub(self) -> str | None:
         return self.claims.sub if self.claims is not None else None
 
-    def _schedule_expiry(self) -> None:
-        """Closes with 1008 at the token's expiry, not at the next message."""
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
-        if self.claims is not None:
-            delay_s = max(0.0, self.claims.exp - time.time())
-            self._expiry_timer = asyncio.get_running_loop().call_later(delay_s, self._expired)
-
     def _expired(self) -> None:
-        self._expiry_timer = None
         self.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     # -- writing -----------------------------------------------------------------------------
@@ -179,16 +165,12 @@ class Session:
 
     def _within_rate(self) -> bool:
         """Client frames per second: over the budget a `limit` error, still flooding 1013."""
-        now = time.monotonic()
-        if self._bucket.take(1.0, now) == 0.0:
-            if self._dropped and now - self._last_drop_at > 1.0:
-                self._dropped = 0
+        verdict = self._flood.check()
+        if verdict is Flood.OK:
             return True
-        self._dropped += 1
-        self._last_drop_at = now
-        if self._dropped == 1:
+        if verdict is Flood.FIRST:
             self.send_error(ProtocolError("limit", "too many frames per second"))
-        elif self._dropped > self._pod.settings.client_frames_burst:
+        elif verdict is Flood.CLOSE:
             self._pod.metrics.floods_closed.inc()
             self.close(CloseCode.TRY_AGAIN_LATER, "too many frames")
         return False
@@ -245,7 +227,7 @@ class Session:
             self.send_error(ProtocolError("forbidden", "the new token is for another sub"))
             return
         self.claims = claims
-        self._schedule_expiry()
+        self._expiry.schedule(claims)
         for channel in [c for c in self.channels if not claims.may_subscribe(c)]:
             self._pod.hub.remove(channel, self)
             self.channels.discard(channel)
@@ -342,9 +324,7 @@ class Session:
         self._arm_close_timer()
 
     def _detach(self) -> None:
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        self._expiry.cancel()
         if self.open:
             self.open = False
             self._pod.hub.remove_all(self.channels, self)

@@ -31,7 +31,7 @@ from services.core.channels import is_valid_channel
 from services.core.closecodes import CloseCode
 from services.core.envelope import Envelope, dumps
 from services.core.ids import new_message_id
-from services.core.ratelimit import TokenBucket
+from services.socket.guards import Flood, FloodGuard, TokenExpiry
 from services.socket.history import Entry
 from services.socket.socketio.engine import EngineSession
 from services.socket.socketio.protocol import (
@@ -82,11 +82,9 @@ class Refused(Exception):
 class SioSession(EngineSession):
     __slots__ = (
         "_backlog",
-        "_bucket",
         "_busy",
-        "_dropped",
-        "_expiry_timer",
-        "_last_drop_at",
+        "_expiry",
+        "_flood",
         "_skip_binary",
         "_unconnected_since",
         "claims",
@@ -112,11 +110,9 @@ class SioSession(EngineSession):
         self.declared: tuple[str, ...] = ()  # rooms of the CONNECT auth (in the pid)
         self._busy = False  # a join with `since` or a recovery is waiting: later packets queue
         self._backlog: deque[SioPacket] = deque()
-        self._bucket = TokenBucket(settings.client_frames_per_s, settings.client_frames_burst)
-        self._dropped = 0
-        self._last_drop_at = 0.0
+        self._flood = FloodGuard(settings.client_frames_per_s, settings.client_frames_burst)
         self._skip_binary = 0
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry = TokenExpiry(self._expired)
         self._unconnected_since = self.opened_at  # no namespace connected since then
 
     @property
@@ -169,16 +165,12 @@ class SioSession(EngineSession):
     def _within_rate(self, packet: SioPacket) -> bool:
         """Client packets per second (CONNECTs too: each verifies a token): over the budget a
         `limit` ack where one was asked for, still flooding 1013."""
-        now = time.monotonic()
-        if self._bucket.take(1.0, now) == 0.0:
-            if self._dropped and now - self._last_drop_at > 1.0:
-                self._dropped = 0
+        verdict = self._flood.check()
+        if verdict is Flood.OK:
             return True
-        self._dropped += 1
-        self._last_drop_at = now
         if packet.type == EVENT and packet.id is not None and self.connected:
             self._ack(packet.id, _error("limit", "too many events per second"))
-        if self._dropped > self.server.settings.client_frames_burst:
+        if verdict is Flood.CLOSE:
             self.server.floods_closed()
             self.close(CloseCode.TRY_AGAIN_LATER, "too many events")
         return False
@@ -239,7 +231,7 @@ class SioSession(EngineSession):
         if server.recovery:
             for room in rooms:
                 self._emit_joined(room)
-        self._schedule_expiry()
+        self._expiry.schedule(self.claims)
         server.connects.labels(result).inc()
 
     def _declared_rooms(self, value: object, claims: Claims | None) -> list[str]:
@@ -334,7 +326,7 @@ class SioSession(EngineSession):
             self.send(server.frames.build(room, entry)[0])
         self.replayed()
         self.send(connect_packet(self.sio_sid, self.pid))
-        self._schedule_expiry()
+        self._expiry.schedule(self.claims)
         return True
 
     # -- events ------------------------------------------------------------------------------
@@ -473,7 +465,7 @@ class SioSession(EngineSession):
         if self.claims is not None and claims.sub != self.claims.sub:
             raise Refused("forbidden", "the new token is for another sub")
         self.claims = claims
-        self._schedule_expiry()
+        self._expiry.schedule(self.claims)
         for room in [r for r in self.rooms if not claims.may_subscribe(r)]:
             self._leave(room)
         self._ack(ack_id, {"ok": True, "expires_at": claims.exp})
@@ -511,9 +503,7 @@ class SioSession(EngineSession):
         if self.connected:
             self._unconnected_since = time.monotonic()
         self.connected = False
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        self._expiry.cancel()
         for room in list(self.rooms):
             self.server.room_remove(room, self)
         self.rooms.clear()
@@ -525,16 +515,7 @@ class SioSession(EngineSession):
             self._on_event(self._backlog.popleft())
 
     # -- token expiry ------------------------------------------------------------------------
-    def _schedule_expiry(self) -> None:
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
-        if self.claims is not None:
-            delay_s = max(0.0, self.claims.exp - time.time())
-            self._expiry_timer = asyncio.get_running_loop().call_later(delay_s, self._expired)
-
     def _expired(self) -> None:
-        self._expiry_timer = None
         self.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     def on_closed(self, reason: str) -> None:
