@@ -6,6 +6,8 @@
 //   {"cmd": "close", "name"}                        -> {"ev": "closed", "name"}
 //   {"cmd": "drop", "name"}    closes the Engine.IO connection as a network cut would: the
 //                              client reconnects by itself (and recovers)
+//   {"cmd": "offset", "name", "offset"} sets what socket.io-client sends back as its offset
+//                              (its private `_lastOffset`), to test a forged one -> {"ev": "offset"}
 //   {"cmd": "exit"}
 // Every connect record carries `recovered`, the socket id, the Engine.IO transport and the pod
 // (from the Engine.IO handshake) so the tests can tell which pod serves which client.
@@ -89,6 +91,10 @@ lines.on("line", (line) => {
         break;
       case "drop":
         sockets.get(command.name).io.engine.close();
+        break;
+      case "offset":
+        sockets.get(command.name)._lastOffset = command.offset;
+        out({ ev: "offset", name: command.name });
         break;
       case "exit":
         for (const socket of sockets.values()) socket.disconnect();

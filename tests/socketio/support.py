@@ -165,6 +165,20 @@ class SioDriver:
             lambda r: r["ev"] == "disconnect" and r["name"] == name, f"{name} dropped", since=start
         )
 
+    def last_offset(self, name: str) -> str:
+        """The offset the client keeps: the last string argument of the last event it got."""
+        events = [r["args"] for r in self.of(name, "event") if r["args"]]
+        offset = events[-1][-1] if events else None
+        assert isinstance(offset, str), events[-1:]
+        return offset
+
+    async def set_offset(self, name: str, offset: str) -> None:
+        start = len(self.records)
+        await self._send({"cmd": "offset", "name": name, "offset": offset})
+        await self.wait_for(
+            lambda r: r["ev"] == "offset" and r["name"] == name, f"{name}'s offset", since=start
+        )
+
     async def reconnected(self, name: str, since: int) -> Record:
         return await self.wait_for(
             lambda r: r["ev"] in ("connect", "connect_error") and r["name"] == name,

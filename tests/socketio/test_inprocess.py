@@ -136,6 +136,56 @@ async def test_declared_rooms_recover_together(pod: Pod, driver: SioDriver) -> N
     assert await driver.wait_messages("c", b, 2) == want[b]
 
 
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+async def test_rooms_joined_and_left_after_connect_recover(
+    pod: Pod, driver: SioDriver, transport: str
+) -> None:
+    """The pid holds only `auth.rooms`; a message event's offset names one room. Rooms joined
+    (and left) since travel, signed, in the offsets this session is sent: every room comes back
+    after a drop, none that was left, whichever room's event came last."""
+    kept, a, b, left = (f"room:{name}{next(_rooms)}" for name in ("kept", "a", "b", "left"))
+    auth = {"token": token(), "rooms": [kept, left]}
+    await driver.connect("c", url(pod), transports=TRANSPORTS[transport], auth=auth, **RECONNECT)
+    for room in (a, b):
+        assert (await driver.emit("c", "join", room))["ok"]
+    assert (await driver.emit("c", "leave", left))["ok"]
+    want = {room: [await publish(pod, room, f"{room} 1")] for room in (b, kept, a)}
+    await driver.wait_messages("c", a, 1)  # the last event: a message of `a`, no join/leave
+    since = len(driver.records)
+    await driver.drop("c")
+    for room in (b, kept, a, b):
+        want[room].append(await publish(pod, room, f"{room} {len(want[room]) + 1}"))
+    await publish(pod, left, "not for c")
+    again = await driver.reconnected("c", since)
+    assert again["recovered"] is True
+    for room, ids in want.items():
+        assert await driver.wait_messages("c", room, len(ids)) == ids, room
+    # Recovered, the session still carries its room set: a second drop loses nothing either.
+    since = len(driver.records)
+    await driver.drop("c")
+    want[b].append(await publish(pod, b, f"{b} late"))
+    assert (await driver.reconnected("c", since))["recovered"] is True
+    assert await driver.wait_messages("c", b, len(want[b])) == want[b]
+    assert driver.message_ids("c", left) == []
+
+
+async def test_a_forged_room_set_is_not_recovered(pod: Pod, driver: SioDriver, room: str) -> None:
+    """An offset whose room set is not signed with the pod's key starts a new session."""
+    await driver.connect(
+        "c", url(pod), transports=["websocket"], auth={"token": token()}, **RECONNECT
+    )
+    assert (await driver.emit("c", "join", room))["ok"]
+    await publish(pod, room, 1)
+    await driver.wait_messages("c", room, 1)
+    offset = driver.last_offset("c")
+    assert offset.startswith(f"{room}/") and f"~{room}~" in offset
+    forged = offset.rsplit("~", 1)[0] + "~AAAAAAAAAAAAAAAAAAAAAA"
+    await driver.set_offset("c", forged)
+    since = len(driver.records)
+    await driver.drop("c")
+    assert (await driver.reconnected("c", since))["recovered"] is False
+
+
 async def test_join_with_since_replays_and_leave_is_remembered(
     pod: Pod, driver: SioDriver, room: str
 ) -> None:

@@ -7,7 +7,6 @@ The SIGKILL test is last in this file and restarts the pod it killed.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
@@ -94,7 +93,8 @@ async def test_rooms_span_pods_and_everyone_gets_one_order(
         assert first[0] == {"n": 0, "via": "http"}
         assert set(first[1]) == {"id", "channel", "ts"} and first[1]["channel"] == room
         assert second[0] == {"n": 1, "via": "socket.io"} and second[1]["sub"] == "ann"
-        assert first[2] == f"{room}/{ids[0]}"
+        # The offset: room/id, and the signed room set of a client that joined after connecting.
+        assert first[2].startswith(f"{room}/{ids[0]}~{room}~")
         upgrade = await driver.wait_for(
             lambda r: r["ev"] == "upgrade" and r["name"] == "up", "the upgrade to websocket"
         )
@@ -196,7 +196,8 @@ async def test_recovery_after_sigkill(
 ) -> None:
     """Clients (websocket and long-polling) that received an event on a pod that is then
     SIGKILLed reconnect through the load balancer to the other pod: `socket.recovered` is true,
-    every event they missed arrives once, in order, then live ones."""
+    every event they missed arrives once, in order, then live ones; in both rooms they joined
+    after connecting, though the last event before the kill came from one of them."""
     url = lb(sio_cluster)
     auth = {"token": token("kim")}
     websocket = await connect_on_each_pod(
@@ -216,7 +217,9 @@ async def test_recovery_after_sigkill(
     survivor_pod = sorted(websocket)[1]
     victims = [websocket[doomed_pod], polling[doomed_pod]]
     witness = websocket[survivor_pod]
+    side = f"{room}-side"
     for name in [*victims, witness]:
+        assert (await driver.emit(name, "join", side))["ok"]
         assert (await driver.emit(name, "join", room))["ok"]
     ids = [await publish_http(api, room, {"n": 0})]
     for name in [*victims, witness]:
@@ -224,8 +227,10 @@ async def test_recovery_after_sigkill(
     pod = next(s for s in sio_cluster.sockets if s.env["POD_NAME"] == doomed_pod)
     pod.process.kill()  # SIGKILL: no drain, no goodbye
     try:
+        side_ids = []
         for n in range(1, 6):  # while the victims are away or reconnecting
             ids.append(await publish_http(api, room, {"n": n}))
+            side_ids.append(await publish_http(api, side, {"n": n}))
         for name in victims:
             reconnected = await driver.wait_for(
                 lambda r, name=name: (
@@ -239,10 +244,14 @@ async def test_recovery_after_sigkill(
         ids.append(await publish_http(api, room, {"n": 6}))
         for name in [*victims, witness]:
             assert await driver.wait_messages(name, room, 7) == ids, name
-        await asyncio.sleep(0.5)
+            assert await driver.wait_messages(name, side, 5) == side_ids, name
+        # Nothing twice: a duplicate would have come before a last, live message.
+        ids.append(await publish_http(api, room, {"n": 7}))
+        side_ids.append(await publish_http(api, side, {"n": 6}))
         for name in victims:
-            assert driver.message_ids(name, room) == ids, name  # nothing twice
-            assert [a[0]["n"] for a in driver.messages(name, room)] == list(range(7))
+            assert await driver.wait_messages(name, room, 8) == ids, name
+            assert await driver.wait_messages(name, side, 6) == side_ids, name
+            assert [a[0]["n"] for a in driver.messages(name, room)] == list(range(8))
     finally:
         pod.start(wait_ready=False)
         pod.wait_ready()

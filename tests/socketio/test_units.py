@@ -75,6 +75,22 @@ def test_offsets():
     assert parse_offset(state_offset("r", "@1", 2)) == Offset("r", "@1", 2)
 
 
+def test_an_offset_carries_a_signed_room_set():
+    signer = PidSigner("secret")
+    suffix = signer.rooms_suffix(["room:b", "room:a"])
+    assert suffix.startswith("~room:a,room:b~")  # sorted: one suffix per room set
+    offset = parse_offset("room:a/01HX" + suffix, max_rooms=2)
+    assert offset is not None and offset.room == "room:a" and offset.position == "01HX"
+    assert offset.rooms is not None and signer.verify_rooms(offset.rooms) == ("room:a", "room:b")
+    assert PidSigner("other").verify_rooms(offset.rooms) is None
+    forged = offset.rooms.replace("room:b", "room:c")
+    assert signer.verify_rooms(forged) is None
+    empty = parse_offset("/5" + signer.rooms_suffix([]))
+    assert empty is not None and empty.rooms is not None and signer.verify_rooms(empty.rooms) == ()
+    assert parse_offset("room:a/01HX~") is None
+    assert parse_offset("room:a/01HX" + signer.rooms_suffix(["r" * 128] * 5), max_rooms=2) is None
+
+
 @pytest.mark.parametrize(
     "data",
     [{"text": "hi", "ts": 1}, 'a,"ts":1', [1, 2], None, 12345678901234567890123, "x" * 70000],
@@ -91,3 +107,6 @@ def test_event_frame_is_cut_from_the_native_frame(data, sub):
         meta["sub"] = sub
     assert loads(packet[2:]) == ["message", data, meta, "room:1/01HXID"]
     assert EventFrames("message", True).build("room:1", entry) is entry.sio  # cached
+    varied, varied_frame = EventFrames.with_rooms(packet, b"~room:1,room:2~mac")
+    assert ws_payload(varied_frame) == varied
+    assert loads(varied[2:])[-1] == "room:1/01HXID~room:1,room:2~mac"

@@ -55,3 +55,10 @@ class EventFrames:
         built = (packet, text_frame(packet))
         entry.sio = built
         return built
+
+    @staticmethod
+    def with_rooms(packet: bytes, suffix: bytes) -> tuple[bytes, bytes]:
+        """A message's packet for a session with a signed room set: `suffix` (`~rooms~mac`)
+        appended to its offset, the event's last string."""
+        varied = packet[:-2] + suffix + b'"]'
+        return varied, text_frame(varied)

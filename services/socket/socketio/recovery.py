@@ -10,6 +10,12 @@ A pod that never saw the session must find everything in those two strings:
 - offset = `<room>/<position>` on a message event (the room it came from and its id), or
   `<room>/<position>/<ms>` on pubsock's own per-session events (`pubsock:joined`, `pubsock:left`),
   or `/<ms>` when no room anchors it. A position is a message id or `@<ms>`, as on the websocket.
+- A session whose rooms are no longer those of its pid (it joined or left rooms after connecting)
+  gets `~<room>,<room>...~<mac>` after every offset it is sent, its whole room set signed: the
+  pid is fixed at connect, and the offset is the only string the client keeps that the server
+  can change. Such a session's message events are framed for its room set (once per distinct set
+  per message); a session whose rooms are its pid's shares the pod's one frame per message.
+  Channel names never hold `/`, `,` or `~` (services.core.channels), so no escaping is needed.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from dataclasses import dataclass
 
 import orjson
 
-from services.core.channels import is_valid_channel
+from services.core.channels import CHANNEL_MAX_CHARS, is_valid_channel
 from services.socket.history import parse_position_ms
 
 PID_VERSION = 1
 PID_MAX_CHARS = 16384
-OFFSET_MAX_CHARS = 300
+OFFSET_MAX_CHARS = 300  # without a room set
 POSITION_MAX_CHARS = 128
 _DOMAIN = b"pubsock socket.io pid\x00"
+_ROOMS_DOMAIN = b"pubsock socket.io rooms\x00"
 _MAC_BYTES = 16
 
 
@@ -90,12 +97,35 @@ class PidSigner:
             return None
         return SessionId(sid, sub, tuple(rooms), issued)
 
+    def _rooms_mac(self, joined: bytes) -> str:
+        mac = hmac.new(self._key, _ROOMS_DOMAIN + joined, hashlib.sha256).digest()[:_MAC_BYTES]
+        return _b64(mac)
+
+    def rooms_suffix(self, rooms: list[str] | tuple[str, ...]) -> str:
+        """`~<rooms>~<mac>`: what follows every offset of a session whose rooms left its pid's.
+
+        The set is sorted, so sessions in the same rooms share one suffix (and one frame per
+        message). It is not bound to a session: the rooms are checked against the reconnecting
+        client's token anyway, and the signature only keeps a forged list out.
+        """
+        joined = ",".join(sorted(rooms))
+        return f"~{joined}~{self._rooms_mac(joined.encode())}"
+
+    def verify_rooms(self, suffix: str) -> tuple[str, ...] | None:
+        """The room set of a suffix (without its leading `~`), or None when forged or malformed."""
+        joined, sep, mac = suffix.partition("~")
+        if not sep or not hmac.compare_digest(mac, self._rooms_mac(joined.encode())):
+            return None
+        rooms = tuple(joined.split(",")) if joined else ()
+        return rooms if all(is_valid_channel(room) for room in rooms) else None
+
 
 @dataclass(frozen=True, slots=True)
 class Offset:
     room: str | None  # the anchor: recovered exactly from `position`
     position: str | None
     sync_ms: int | None  # when the client was last in step (other rooms resume from here)
+    rooms: str | None = None  # the signed room set after the first `~`, still to be verified
 
 
 def _valid_position(position: str) -> bool:
@@ -106,9 +136,24 @@ def _valid_position(position: str) -> bool:
     return all(c.isascii() and (c.isalnum() or c in "_-") for c in position)
 
 
-def parse_offset(offset: object) -> Offset | None:
-    if not isinstance(offset, str) or len(offset) > OFFSET_MAX_CHARS:
+def offset_max_chars(max_rooms: int) -> int:
+    """The longest offset a session in at most `max_rooms` rooms can be sent."""
+    return OFFSET_MAX_CHARS + max_rooms * (CHANNEL_MAX_CHARS + 1) + 2 * _MAC_BYTES
+
+
+def parse_offset(offset: object, max_rooms: int = 0) -> Offset | None:
+    if not isinstance(offset, str) or len(offset) > offset_max_chars(max_rooms):
         return None
+    offset, sep, rooms = offset.partition("~")
+    if len(offset) > OFFSET_MAX_CHARS or (sep and not rooms):
+        return None
+    parsed = _parse_anchor(offset)
+    if parsed is None or not sep:
+        return parsed
+    return Offset(parsed.room, parsed.position, parsed.sync_ms, rooms)
+
+
+def _parse_anchor(offset: str) -> Offset | None:
     parts = offset.split("/")
     if len(parts) == 2 and parts[0] == "":
         ms = parts[1]

@@ -186,8 +186,19 @@ class SocketIOServer:
             return
         packet, frame = self.frames.build(channel, entry)
         slow: list[SioSession] | None = None
+        varied: dict[bytes, tuple[bytes, bytes]] | None = None  # by room set, for this message
         for session in members:
-            if not session.deliver(packet, frame):
+            suffix = session.rooms_suffix
+            if suffix is None:
+                delivered = session.deliver(packet, frame)
+            else:
+                if varied is None:
+                    varied = {}
+                built = varied.get(suffix)
+                if built is None:
+                    built = varied[suffix] = self.frames.with_rooms(packet, suffix)
+                delivered = session.deliver(*built)
+            if not delivered:
                 if slow is None:
                     slow = []
                 slow.append(session)

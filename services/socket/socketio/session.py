@@ -94,6 +94,7 @@ class SioSession(EngineSession):
         "pid",
         "query_token",
         "rooms",
+        "rooms_suffix",
         "sio_sid",
     )
 
@@ -108,6 +109,8 @@ class SioSession(EngineSession):
         self.claims: Claims | None = None
         self.rooms: dict[str, None] = {}  # joined, in join order
         self.declared: tuple[str, ...] = ()  # rooms of the CONNECT auth (in the pid)
+        # `~rooms~mac` after each offset once the rooms are not the declared ones (recovery.py)
+        self.rooms_suffix: bytes | None = None
         self._busy = False  # a join with `since` or a recovery is waiting: later packets queue
         self._backlog: deque[SioPacket] = deque()
         self._flood = FloodGuard(settings.client_frames_per_s, settings.client_frames_burst)
@@ -226,7 +229,8 @@ class SioSession(EngineSession):
         self.declared = tuple(rooms)
         self.connected = True
         for room in rooms:
-            self._join(room)
+            self._join(room, update=False)
+        self._rooms_changed()
         self.send(connect_packet(self.sio_sid, self.pid))
         if server.recovery:
             for room in rooms:
@@ -277,7 +281,8 @@ class SioSession(EngineSession):
         session_id = server.signer.verify(auth.get("pid"))
         if session_id is None or session_id.sub != (claims.sub if claims else None):
             return False
-        offset = parse_offset(auth.get("offset"))
+        max_rooms = server.settings.max_subscriptions_per_connection
+        offset = parse_offset(auth.get("offset"), max_rooms)
         if offset is None:
             return False
         try:
@@ -285,14 +290,20 @@ class SioSession(EngineSession):
             declared = (
                 list(session_id.rooms) if listed is None else self._declared_rooms(listed, claims)
             )
-            rooms = dict.fromkeys(declared)
+            if offset.rooms is None:  # in the declared rooms (and the anchor's) since connect
+                rooms = dict.fromkeys(declared)
+            else:  # rooms joined or left since: the last offset carries the set, signed
+                signed = server.signer.verify_rooms(offset.rooms)
+                if signed is None:
+                    return False
+                rooms = dict.fromkeys(signed)
             if offset.room is not None:
                 rooms[offset.room] = None
             for room in rooms:
                 self._check_room(room, claims)
         except Refused:
             return False
-        if len(rooms) > server.settings.max_subscriptions_per_connection:
+        if len(rooms) > max_rooms:
             return False
         replay: list[tuple[str, Entry]] = []
         sync_ms = offset.sync_ms
@@ -320,10 +331,11 @@ class SioSession(EngineSession):
         self.declared = tuple(declared)
         self.connected = True
         for room in rooms:
-            self._join(room)
+            self._join(room, update=False)
+        self._rooms_changed()
         # As socket.io does: the missed events first (the client buffers them until CONNECT).
         for room, entry in replay:
-            self.send(server.frames.build(room, entry)[0])
+            self.send(self._event_packet(room, entry))
         self.replayed()
         self.send(connect_packet(self.sio_sid, self.pid))
         self._expiry.schedule(self.claims)
@@ -383,7 +395,7 @@ class SioSession(EngineSession):
                     },
                 )
                 for entry in recovery.entries:
-                    self.send(self.server.frames.build(room, entry)[0])
+                    self.send(self._event_packet(room, entry))
                 self.replayed()
                 if self.server.recovery:
                     self._emit_joined(room)
@@ -471,32 +483,49 @@ class SioSession(EngineSession):
         self._ack(ack_id, {"ok": True, "expires_at": claims.exp})
 
     # -- rooms -------------------------------------------------------------------------------
-    def _join(self, room: str) -> None:
+    def _join(self, room: str, update: bool = True) -> None:
         if room not in self.rooms:
             self.rooms[room] = None
             self.server.room_add(room, self)
+            if update:
+                self._rooms_changed()
 
     def _leave(self, room: str) -> None:
         if room in self.rooms:
             del self.rooms[room]
             self.server.room_remove(room, self)
+            self._rooms_changed()
             if self.server.recovery:
                 self._emit_left(room)
+
+    def _rooms_changed(self) -> None:
+        """Rooms other than the pid's are carried, signed, by every offset from now on."""
+        if not self.server.recovery or set(self.rooms) == set(self.declared):
+            self.rooms_suffix = None
+        else:
+            self.rooms_suffix = self.server.signer.rooms_suffix(list(self.rooms)).encode()
+
+    def _event_packet(self, room: str, entry: Entry) -> bytes:
+        """A message's packet for this session: the pod's one, or with our room set."""
+        packet = self.server.frames.build(room, entry)[0]
+        suffix = self.rooms_suffix
+        return packet if suffix is None else self.server.frames.with_rooms(packet, suffix)[0]
+
+    def _offset(self, room: str | None, position: str | None) -> str:
+        offset = state_offset(room, position, _now_ms())
+        suffix = self.rooms_suffix
+        return offset if suffix is None else offset + suffix.decode()
 
     def _emit_joined(self, room: str) -> None:
         """Moves the client's recovery anchor to this room, at where it stands now."""
         position = self.server.history.position(room)
-        self._emit(
-            JOINED_EVENT,
-            {"room": room, "position": position},
-            state_offset(room, position, _now_ms()),
-        )
+        self._emit(JOINED_EVENT, {"room": room, "position": position}, self._offset(room, position))
 
     def _emit_left(self, room: str) -> None:
         """The anchor moves to the latest joined room not declared at connect, if any."""
         anchor = next((r for r in reversed(self.rooms) if r not in self.declared), None)
         position = self.server.history.position(anchor) if anchor is not None else None
-        self._emit(LEFT_EVENT, {"room": room}, state_offset(anchor, position, _now_ms()))
+        self._emit(LEFT_EVENT, {"room": room}, self._offset(anchor, position))
 
     def _detach(self) -> None:
         """Leaves every room (a Socket.IO disconnect, or the session's end)."""
@@ -507,6 +536,7 @@ class SioSession(EngineSession):
         for room in list(self.rooms):
             self.server.room_remove(room, self)
         self.rooms.clear()
+        self.rooms_suffix = None
         self._backlog.clear()
 
     def _unbusy(self) -> None:
