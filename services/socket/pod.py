@@ -272,7 +272,9 @@ class Pod:
             for session in list(self.sessions):
                 if not session.open:
                     continue
-                if now >= session.max_age_at:
+                if session.stalled():
+                    session.close_slow()
+                elif now >= session.max_age_at:
                     session.close(CloseCode.RESTART, "maximum connection age")
                 elif session.ping_sent_at is not None:
                     if now - session.ping_sent_at > settings.ping_timeout_s:

@@ -54,6 +54,7 @@ class Session:
         "_close_timer",
         "_expiry",
         "_flood",
+        "_over_budget",
         "_pod",
         "channels",
         "claims",
@@ -88,6 +89,7 @@ class Session:
         self.max_age_at = self.opened_at + age_s * random.uniform(0.9, 1.1)
         self.ping_sent_at: float | None = None
         self._budget = self._allowance = pod.settings.send_buffer_max_bytes
+        self._over_budget = False
         self._busy = False  # a subscribe is waiting for recovery: later frames queue behind it
         self._backlog: deque[ClientFrame] = deque()
         self._assembler = MessageAssembler()
@@ -118,6 +120,14 @@ class Session:
                 self._allowance = self._budget  # a replay's extra allowance ends once drained
         transport.write(frame)
         return True
+
+    def stalled(self) -> bool:
+        """Once a maintenance tick: True when the unsent data was over budget at this tick and
+        the one before. `deliver` checks only when a message comes; this closes a client that
+        stopped reading after a burst too, while a burst that drains within a tick is fine."""
+        over = self.open and self.transport.get_write_buffer_size() > self._allowance
+        was, self._over_budget = self._over_budget, over
+        return over and was
 
     def send(self, payload: bytes) -> None:
         """A control or replay frame: always written (bounded by what the client asked for)."""

@@ -161,6 +161,7 @@ class EngineSession:
         "_budget",
         "_flush_handle",
         "_interval_s",
+        "_over_budget",
         "_poll",
         "_timeout_s",
         "closing",
@@ -195,6 +196,7 @@ class EngineSession:
         self.queued_bytes = 0
         self._budget = settings.send_buffer_max_bytes
         self._allowance = self._budget
+        self._over_budget = False
         self._poll: tuple[Connection, Request] | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._interval_s = settings.socketio_ping_interval_s
@@ -403,8 +405,20 @@ class EngineSession:
         elif now >= self.next_ping_at:
             self.ping_deadline = now + self._timeout_s
             self.send(PING)
+        if self._stalled():
+            self.close_slow()
+            return
         if self.ws is not None and now >= self.max_age_at:
             self.close(CloseCode.RESTART, "maximum connection age")
+
+    def _stalled(self) -> bool:
+        """Unsent data over budget at this tick and the one before: the client stopped reading
+        (or polling) after a burst; `deliver` alone would notice only at the next message."""
+        wire = self.wire
+        unsent = wire.get_write_buffer_size() if wire is not None else self.queued_bytes
+        over = unsent > self._allowance
+        was, self._over_budget = self._over_budget, over
+        return over and was
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Ends the session so that the client reconnects at once: a websocket close with
