@@ -184,7 +184,12 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
                 headers=retry_after,
             )
         count("accepted", [channel])
-        return Accepted(id=message_id, channel=channel)
+        # Encoded here: a model returned would be validated and serialized again by FastAPI.
+        return Response(
+            orjson.dumps({"id": message_id, "channel": channel}),
+            status_code=202,
+            media_type="application/json",
+        )
 
     @app.post(
         "/v1/messages",
@@ -230,7 +235,7 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
                 headers=retry_after,
             )
         count("accepted", channels)
-        return BatchAccepted(ids=ids)
+        return Response(orjson.dumps({"ids": ids}), status_code=202, media_type="application/json")
 
     @app.post(
         "/v1/tokens",

@@ -43,8 +43,11 @@ class Authenticator:
         elif not self._keys:
             log.warning("API_KEYS is empty: only client tokens can publish; /v1/tokens is off")
 
-    def __call__(self, request: Request) -> Principal:
-        """A FastAPI dependency: 401 unless the request carries a valid credential."""
+    async def __call__(self, request: Request) -> Principal:
+        """A FastAPI dependency: 401 unless the request carries a valid credential.
+
+        Async although it never awaits: FastAPI runs a sync dependency in its thread pool, a
+        thread hop per request that cost the publish route about a fifth of its CPU."""
         if self.open:
             host = request.client.host if request.client else "unknown"
             return Principal("open", f"open:{host}")

@@ -55,15 +55,20 @@ class Publisher:
         self._metrics.in_flight.inc()
         started = time.perf_counter()
         try:
-            results = await asyncio.gather(
-                *(
-                    self._broker.publish(
-                        OutgoingMessage(env.encode(), env.channel, env.attributes())
-                    )
-                    for env in envelopes
-                ),
-                return_exceptions=True,
-            )
+            messages = [
+                OutgoingMessage(env.encode(), env.channel, env.attributes()) for env in envelopes
+            ]
+            results: list[BaseException | None]
+            if len(messages) == 1:  # the usual case: no task to gather
+                try:
+                    results = [await self._broker.publish(messages[0])]
+                except Exception as exc:
+                    results = [exc]
+            else:
+                results = await asyncio.gather(
+                    *(self._broker.publish(message) for message in messages),
+                    return_exceptions=True,
+                )
             failure = next((r for r in results if isinstance(r, BaseException)), None)
             if failure is not None:
                 self._metrics.broker_up.set(0)
