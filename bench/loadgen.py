@@ -47,6 +47,7 @@ TICK_S = 0.002
 READ_BYTES = 16 * 1024  # under the allocator's mmap threshold: a read stays cheap
 HASH_MASK = (1 << 61) - 1
 HASH_MULTIPLIER = 1_000_003
+PARSED_MAX = 4096
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -82,6 +83,8 @@ class Fleet:
         self.recovery_finished_at = 0.0
         self.poller = select.epoll()
         self.detached: dict[int, Client] = {}
+        # Every connection of a channel gets the same bytes for a message: parse them once.
+        self.parsed: dict[bytes, tuple[int, float, str, str]] = {}
 
     def detach(self, client: Client) -> None:
         """From now on this connection is read by `read_ready`, not by the event loop."""
@@ -269,31 +272,41 @@ class Client(asyncio.Protocol):
         self.buffer = buffer[position:] if position < size else b""
 
     def on_text(self, payload: bytes, now: float) -> None:
-        frame = orjson.loads(payload)
+        fleet = self.fleet
+        message = fleet.parsed.get(payload)
+        if message is None:
+            frame = orjson.loads(payload)
+            if frame["type"] != "message":
+                self.on_control(frame)
+                return
+            data = frame["data"]
+            message = (data["seq"], data["t"], frame["id"], frame["channel"])
+            if len(fleet.parsed) >= PARSED_MAX:
+                fleet.parsed.clear()
+            fleet.parsed[payload] = message
+        seq, sent_at, message_id, channel = message
+        fleet.latencies.append(now - sent_at)
+        fleet.frames += 1
+        self.count += 1
+        self.last_id = message_id
+        if fleet.shared_order:
+            self.hash[channel] = (self.hash.get(channel, 0) * HASH_MULTIPLIER + seq) & HASH_MASK
+            if self.index == 0:
+                fleet.reference_order.setdefault(channel, []).append(seq)
+        elif self.last_seq >= 0 and seq != self.last_seq + 1:
+            if seq > self.last_seq:
+                fleet.gaps += seq - self.last_seq - 1
+            else:
+                fleet.backwards += 1
+        self.last_seq = seq
+        if self.recovering and self.count == self.expect:
+            self.recovering = False
+            fleet.recovery_complete()
+
+    def on_control(self, frame: dict[str, Any]) -> None:
         fleet = self.fleet
         kind = frame["type"]
-        if kind == "message":
-            data = frame["data"]
-            seq = data["seq"]
-            fleet.latencies.append(now - data["t"])
-            fleet.frames += 1
-            self.count += 1
-            self.last_id = frame["id"]
-            if fleet.shared_order:
-                channel = frame["channel"]
-                self.hash[channel] = (self.hash.get(channel, 0) * HASH_MULTIPLIER + seq) & HASH_MASK
-                if self.index == 0:
-                    fleet.reference_order.setdefault(channel, []).append(seq)
-            elif self.last_seq >= 0 and seq != self.last_seq + 1:
-                if seq > self.last_seq:
-                    fleet.gaps += seq - self.last_seq - 1
-                else:
-                    fleet.backwards += 1
-            self.last_seq = seq
-            if self.recovering and self.count == self.expect:
-                self.recovering = False
-                fleet.recovery_complete()
-        elif kind == "subscribed":
+        if kind == "subscribed":
             recovered = frame.get("recovered")
             if recovered is True:
                 fleet.recovered_true += 1

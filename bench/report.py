@@ -263,15 +263,22 @@ def correctness(results: dict[str, Any]) -> list[str]:
     full = results.get("full_path")
     if full and "steps" in full:
         for step in full["steps"]:
-            p, b = step["pubsock"], step["baseline"]
+            every = step.get("runs") or {
+                "pubsock": [step["pubsock"]],
+                "baseline": [step["baseline"]],
+            }
+            ps, bs = every["pubsock"], every["baseline"]
             lines.append(
-                f"full path {step['rate_msg_s']:g} msg/s: {p['delivered']:,} of {p['expected']:,} "
-                f"delivered, lost {p['lost']}, one order on every connection of both pods: "
-                f"{p['one_order_everywhere']}, contract order violations "
-                f"{p['guarantee2_violations']}, non-202 "
-                f"{sum(v for k, v in p['statuses'].items() if k != '202')}; "
-                f"baseline {b['received']:,} of {b['published']:,}, lost {b['lost']}, "
-                f"reordered {b['reordered']}, duplicates {b['duplicates']}"
+                f"full path {step['rate_msg_s']:g} msg/s ({len(ps)} runs each, all counted): "
+                f"{sum(p['delivered'] for p in ps):,} of {sum(p['expected'] for p in ps):,} "
+                f"delivered, lost {sum(p['lost'] for p in ps)}, one order on every connection of "
+                f"both pods: {all(p['one_order_everywhere'] for p in ps)}, contract order "
+                f"violations {sum(p['guarantee2_violations'] for p in ps)}, non-202 "
+                f"{sum(v for p in ps for k, v in p['statuses'].items() if k != '202')}; "
+                f"baseline {sum(b['received'] for b in bs):,} of "
+                f"{sum(b['published'] for b in bs):,}, lost {sum(b['lost'] for b in bs)}, "
+                f"reordered {sum(b['reordered'] for b in bs)}, duplicates "
+                f"{sum(b['duplicates'] for b in bs)}"
             )
     ing = results.get("ingest")
     if ing and "pubsock" in ing:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.auth import Authenticator, Principal
 from services.api.bodylimit import BodyLimitMiddleware
+from services.api.fastpath import PublishFastPath
 from services.api.metrics import ApiMetrics
 from services.api.models import (
     Accepted,
@@ -165,12 +166,16 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
     async def publish_message(
         channel: ChannelPath, message: MessageIn, principal: Principal = Depends(authenticate)
     ) -> Any:
+        return await publish_one(channel, message.data, message.id, principal)
+
+    async def publish_one(
+        channel: str, data: Any, message_id: str | None, principal: Principal
+    ) -> Response:
+        """The route's work, shared with the fast path (services/api/fastpath.py)."""
         admit(principal, [channel])
-        message_id = message.id or new_message_id()
+        message_id = message_id or new_message_id()
         try:
-            envelope = Envelope(
-                message_id, channel, encode_data(message.data), _now_ms(), principal.sub
-            )
+            envelope = Envelope(message_id, channel, encode_data(data), _now_ms(), principal.sub)
         except HTTPException:
             count("rejected", [channel])
             raise
@@ -294,9 +299,21 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        status = exc.status_code
-        if status == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): malformed = 422
-            status = 422
-        return JSONResponse({"detail": exc.detail}, status, headers=exc.headers)
+        return error_response(exc)
 
+    # Outermost of our middlewares: a well-formed single publish skips FastAPI's stack.
+    app.add_middleware(
+        PublishFastPath,
+        publish=publish_one,
+        authenticate=authenticate.principal,
+        error_response=error_response,
+        max_body_bytes=settings.max_request_bytes,
+    )
     return app
+
+
+def error_response(exc: StarletteHTTPException) -> JSONResponse:
+    status = exc.status_code
+    if status == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): malformed = 422
+        status = 422
+    return JSONResponse({"detail": exc.detail}, status, headers=exc.headers)
