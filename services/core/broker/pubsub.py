@@ -52,7 +52,6 @@ SUBSCRIPTION_RETENTION_S = 600  # the minimum: a pod's backlog older than that i
 ACK_DEADLINE_S = 60
 FLOW_CONTROL_MAX_MESSAGES = 2000
 FLOW_CONTROL_MAX_BYTES = 64 * 1024 * 1024
-BATCH_MAX = 500
 ADMIN_TIMEOUT_S = 30.0
 PROBE_TIMEOUT_S = 3.0
 _TRANSIENT = (gexc.GoogleAPICallError, gexc.RetryError, TimeoutError, OSError)
