@@ -67,3 +67,39 @@ class TokenExpiry:
     def _fire(self) -> None:
         self._handle = None
         self._on_expired()
+
+
+class SendBudget:
+    """SEND_BUFFER_MAX_BYTES of unsent data per connection; over it the connection is closed 1013.
+
+    `admits` runs at each live delivery (only when something is still unsent: the fast path
+    never calls it). A replay, bounded by what the client asked for, raises the allowance to
+    what is unsent right after it, until that drains. `stalled` runs once a maintenance tick,
+    so a client that stops reading after a burst is closed without waiting for the next message.
+    """
+
+    __slots__ = ("_allowance", "_budget", "_over")
+
+    def __init__(self, max_bytes: int) -> None:
+        self._budget = self._allowance = max_bytes
+        self._over = False
+
+    def admits(self, unsent: int) -> bool:
+        if unsent > self._allowance:
+            return False
+        if unsent <= self._budget:
+            self._allowance = self._budget  # a replay's extra allowance ends once drained
+        return True
+
+    def replayed(self, unsent: int) -> None:
+        self._allowance = max(self._allowance, unsent)
+
+    def drained(self) -> None:
+        self._allowance = self._budget
+
+    def stalled(self, unsent: int) -> bool:
+        """Over the allowance at this tick and the one before (a burst that drains within a
+        tick is fine; a client that stopped reading is not)."""
+        over = unsent > self._allowance
+        was, self._over = self._over, over
+        return over and was

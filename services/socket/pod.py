@@ -33,6 +33,7 @@ from services.socket.routes import Routes
 from services.socket.session import Session
 from services.socket.settings import SocketSettings
 from services.socket.socketio import SocketIOServer
+from services.socket.wsframe import flush
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +284,7 @@ class Pod:
                 elif now - session.last_seen > settings.ping_interval_s:
                     session.ping_sent_at = now
                     session.protocol.send_ping(b"pubsock")
-                    for data in session.protocol.data_to_send():
-                        session.transport.write(data)
+                    flush(session.protocol, session.transport)
             if now >= next_expiry:
                 self.history.expire()
                 next_expiry = now + HISTORY_EXPIRE_EVERY_S

@@ -35,8 +35,8 @@ from services.core.protocol import (
     subscribed_frame,
     unsubscribed_frame,
 )
-from services.socket.guards import Flood, FloodGuard, TokenExpiry
-from services.socket.wsframe import MessageAssembler, text_frame
+from services.socket.guards import Flood, FloodGuard, SendBudget, TokenExpiry
+from services.socket.wsframe import MessageAssembler, flush, text_frame
 
 if TYPE_CHECKING:
     from services.socket.pod import Pod
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 class Session:
     __slots__ = (
-        "_allowance",
         "_assembler",
         "_backlog",
         "_budget",
@@ -54,7 +53,6 @@ class Session:
         "_close_timer",
         "_expiry",
         "_flood",
-        "_over_budget",
         "_pod",
         "channels",
         "claims",
@@ -88,8 +86,7 @@ class Session:
         age_s = pod.settings.max_connection_age_s
         self.max_age_at = self.opened_at + age_s * random.uniform(0.9, 1.1)
         self.ping_sent_at: float | None = None
-        self._budget = self._allowance = pod.settings.send_buffer_max_bytes
-        self._over_budget = False
+        self._budget = SendBudget(pod.settings.send_buffer_max_bytes)
         self._busy = False  # a subscribe is waiting for recovery: later frames queue behind it
         self._backlog: deque[ClientFrame] = deque()
         self._assembler = MessageAssembler()
@@ -113,21 +110,15 @@ class Session:
             return True
         transport = self.transport
         buffered = transport.get_write_buffer_size()
-        if buffered:  # usually 0: the kernel took everything written so far
-            if buffered > self._allowance:
-                return False
-            if buffered <= self._budget:
-                self._allowance = self._budget  # a replay's extra allowance ends once drained
+        # usually 0: the kernel took everything written so far
+        if buffered and not self._budget.admits(buffered):
+            return False
         transport.write(frame)
         return True
 
     def stalled(self) -> bool:
-        """Once a maintenance tick: True when the unsent data was over budget at this tick and
-        the one before. `deliver` checks only when a message comes; this closes a client that
-        stopped reading after a burst too, while a burst that drains within a tick is fine."""
-        over = self.open and self.transport.get_write_buffer_size() > self._allowance
-        was, self._over_budget = self._over_budget, over
-        return over and was
+        """Once a maintenance tick: over the send budget since the last tick (SendBudget)."""
+        return self.open and self._budget.stalled(self.transport.get_write_buffer_size())
 
     def send(self, payload: bytes) -> None:
         """A control or replay frame: always written (bounded by what the client asked for)."""
@@ -135,11 +126,7 @@ class Session:
             self.transport.write(text_frame(payload))
 
     def _flush(self) -> None:
-        for data in self.protocol.data_to_send():
-            if data:
-                self.transport.write(data)
-            else:  # the protocol says: end of stream, close TCP
-                self.transport.close()
+        flush(self.protocol, self.transport)
 
     # -- reading -----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -271,7 +258,7 @@ class Session:
                 self._attach(channel, recovery.recovered, presence)
                 for entry in recovery.entries:
                     self.send_raw(entry.frame)
-                self._allowance = max(self._allowance, self.transport.get_write_buffer_size())
+                self._budget.replayed(self.transport.get_write_buffer_size())
         finally:
             self._busy = False
             while self._backlog and not self._busy and self.open:

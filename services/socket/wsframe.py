@@ -6,11 +6,22 @@ same for every connection: framing it once per pod is the floor of fan-out cost.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
 
 _FIN_TEXT = 0x81
+
+
+def flush(protocol: ServerProtocol, transport: asyncio.Transport) -> None:
+    """Writes what the sans-I/O protocol has to send; its empty chunk means: close the TCP."""
+    for data in protocol.data_to_send():
+        if data:
+            transport.write(data)
+        else:
+            transport.close()
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -162,7 +162,7 @@ class PubSubSubscription(Subscription):
         return True
 
     async def open(self) -> OpenResult:
-        await self._stop_stream()
+        self._stop_stream()
         created = await self._create()
         complete_from_ms = int(time.time() * 1000)
         self._start_stream()
@@ -216,7 +216,7 @@ class PubSubSubscription(Subscription):
         return True
 
     async def restart_stream(self) -> None:
-        await self._stop_stream("restarted")
+        self._stop_stream("restarted")
 
     async def next_batch(self) -> list[Delivery]:
         backoff_s = RETRY_INITIAL_S
@@ -235,10 +235,10 @@ class PubSubSubscription(Subscription):
                 if call is not self._call:  # replaced meanwhile (restart, reopen)
                     continue
                 if exc.code() not in _RETRYABLE:
-                    await self._stop_stream(f"stream ended: {exc.code().name} {exc.details()}")
+                    self._stop_stream(f"stream ended: {exc.code().name} {exc.details()}")
                     continue
                 log.info("subscription stream reconnecting", extra={"code": exc.code().name})
-                await self._stop_stream()
+                self._stop_stream()
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, STREAM_RETRY_MAX_S)
                 if self._ended is None:
@@ -246,7 +246,7 @@ class PubSubSubscription(Subscription):
                 continue
             if response is grpc.aio.EOF:
                 if call is self._call:
-                    await self._stop_stream()
+                    self._stop_stream()
                     self._start_stream()  # the server closed it cleanly: a new one
                 continue
             received = response.received_messages
@@ -266,7 +266,7 @@ class PubSubSubscription(Subscription):
                 for m in received
             ]
 
-    async def _stop_stream(self, reason: str | None = None) -> None:
+    def _stop_stream(self, reason: str | None = None) -> None:
         """Ends the current stream; with a reason, `next_batch` raises StreamBroken until
         `open` starts a new one."""
         if reason is not None:
@@ -293,7 +293,7 @@ class PubSubSubscription(Subscription):
         return True
 
     async def close(self, *, delete: bool) -> None:
-        await self._stop_stream("closed")
+        self._stop_stream("closed")
         if delete:
             try:
                 await _blocking(

@@ -24,6 +24,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from services.core.closecodes import CloseCode
+from services.socket.guards import SendBudget
 from services.socket.http import Request
 from services.socket.socketio.protocol import (
     CLOSE,
@@ -40,7 +41,7 @@ from services.socket.socketio.protocol import (
     PacketError,
     decode_payload,
 )
-from services.socket.wsframe import MessageAssembler, text_frame
+from services.socket.wsframe import MessageAssembler, flush, text_frame
 
 if TYPE_CHECKING:
     from services.socket.gateway import Connection
@@ -86,11 +87,7 @@ class WsTransport:
             self.transport.write(text_frame(packet))
 
     def _flush(self) -> None:
-        for data in self.protocol.data_to_send():
-            if data:
-                self.transport.write(data)
-            else:
-                self.transport.close()
+        flush(self.protocol, self.transport)
 
     # -- reading (the gateway calls feed, abort, connection_lost) ------------------------------
     def feed(self, data: bytes) -> None:
@@ -157,11 +154,9 @@ class EngineSession:
     """One Engine.IO session; `SioSession` adds the Socket.IO layer on top."""
 
     __slots__ = (
-        "_allowance",
         "_budget",
         "_flush_handle",
         "_interval_s",
-        "_over_budget",
         "_poll",
         "_timeout_s",
         "closing",
@@ -194,9 +189,7 @@ class EngineSession:
         self.closing = False  # a close packet waits in the poll queue
         self.queue: list[bytes] = []
         self.queued_bytes = 0
-        self._budget = settings.send_buffer_max_bytes
-        self._allowance = self._budget
-        self._over_budget = False
+        self._budget = SendBudget(settings.send_buffer_max_bytes)
         self._poll: tuple[Connection, Request] | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._interval_s = settings.socketio_ping_interval_s
@@ -234,14 +227,12 @@ class EngineSession:
         transport = self.wire
         if transport is not None:
             buffered = transport.get_write_buffer_size()
-            if buffered:  # usually 0: the kernel took everything written so far
-                if buffered > self._allowance:
-                    return False
-                if buffered <= self._budget:
-                    self._allowance = self._budget  # a replay's extra allowance ends once drained
+            # usually 0: the kernel took everything written so far
+            if buffered and not self._budget.admits(buffered):
+                return False
             transport.write(frame)
             return True
-        if self.queued_bytes > self._allowance:
+        if not self._budget.admits(self.queued_bytes):
             return False
         self.queue.append(packet)
         self.queued_bytes += len(packet)
@@ -252,7 +243,7 @@ class EngineSession:
         """A replay is bounded by what the client asked for: do not count it against live data."""
         ws = self.ws
         unsent = ws.transport.get_write_buffer_size() if ws is not None else self.queued_bytes
-        self._allowance = max(self._allowance, unsent)
+        self._budget.replayed(unsent)
 
     # -- long-polling ------------------------------------------------------------------------
     def poll(self, connection: Connection, request: Request) -> bytes | None:
@@ -290,7 +281,7 @@ class EngineSession:
             body = RECORD_SEPARATOR.join(self.queue)
             self.queue = []
             self.queued_bytes = 0
-            self._allowance = self._budget
+            self._budget.drained()
         else:
             body = NOOP
         if self.closing:  # the close packet is on its way: the sid is gone
@@ -370,7 +361,7 @@ class EngineSession:
         self.ws = ws
         self.wire = ws.transport
         queued, self.queue, self.queued_bytes = self.queue, [], 0
-        self._allowance = self._budget
+        self._budget.drained()
         for packet in queued:
             ws.write(packet)
         self.server.upgraded()
@@ -412,13 +403,11 @@ class EngineSession:
             self.close(CloseCode.RESTART, "maximum connection age")
 
     def _stalled(self) -> bool:
-        """Unsent data over budget at this tick and the one before: the client stopped reading
-        (or polling) after a burst; `deliver` alone would notice only at the next message."""
+        """Over the send budget since the last tick: stopped reading (or polling) after a burst."""
         wire = self.wire
-        unsent = wire.get_write_buffer_size() if wire is not None else self.queued_bytes
-        over = unsent > self._allowance
-        was, self._over_budget = self._over_budget, over
-        return over and was
+        return self._budget.stalled(
+            wire.get_write_buffer_size() if wire is not None else self.queued_bytes
+        )
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Ends the session so that the client reconnects at once: a websocket close with
