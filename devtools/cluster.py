@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -197,6 +198,94 @@ class Emulator:
             client.stop()
 
 
+class StrictPubSub:
+    """The strict stand-in (devtools/strictpubsub) in front of the emulator: the services reach
+    it as they reach Pub/Sub on GKE, with no PUBSUB_EMULATOR_HOST: TLS to PUBSUB_API_ENDPOINT,
+    Application Default Credentials from a (fake) GCE metadata server."""
+
+    def __init__(
+        self, upstream: str, work_dir: Path, stream_lifetime: str = "10:40", seed: int = 0
+    ) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.dir = work_dir / "strictpubsub"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "gcloud-config").mkdir(exist_ok=True)
+        self.process = Process(
+            "strictpubsub",
+            [
+                sys.executable,
+                "-m",
+                "devtools.strictpubsub",
+                f"--upstream={upstream}",
+                f"--port={self.port}",
+                f"--admin-port={self.admin_port}",
+                f"--dir={self.dir}",
+                f"--project={PROJECT}",
+                f"--stream-lifetime={stream_lifetime}",
+                f"--seed={seed}",
+            ],
+            {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"},
+            work_dir,
+        )
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def env(self, account: str = "default") -> dict[str, str]:
+        """What a service needs to reach the stand-in as it would reach Pub/Sub."""
+        metadata = f"127.0.0.1:{self.admin_port}"
+        if account != "default":
+            metadata += f"/as/{account}"
+        return {
+            "PUBSUB_API_ENDPOINT": f"127.0.0.1:{self.port}",
+            "GCE_METADATA_HOST": metadata,
+            "GCE_METADATA_IP": metadata,
+            "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(self.dir / "tls" / "ca.pem"),
+            "CLOUDSDK_CONFIG": str(self.dir / "gcloud-config"),  # empty: ADC looks there first
+        }
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.process.start()
+        try:
+            wait_until(
+                lambda: (
+                    (port_open(self.port) and port_open(self.admin_port))
+                    or not self.process.running
+                ),
+                timeout_s,
+                "the strict Pub/Sub stand-in",
+            )
+        except TimeoutError:
+            self.process.stop()
+            raise
+        if not self.process.running:
+            raise RuntimeError(f"the stand-in exited:\n{self.process.log_tail()}")
+
+    def stop(self) -> None:
+        self.process.stop(10)
+
+    def control(self, action: str, **params: object) -> dict[str, object]:
+        """POST /control/<action> (close-streams, unavailable, stall, unstall, seek-fails)."""
+        response = httpx.post(
+            f"{self.admin_url}/control/{action}",
+            params={k: str(v) for k, v in params.items()},
+            timeout=10,
+        )
+        response.raise_for_status()
+        result: dict[str, object] = response.json()
+        return result
+
+    def state(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.admin_url}/control/state", timeout=10).json()
+        return result
+
+
+# Variables that would steer a service away from the stand-in's production path.
+_NOT_FOR_STRICT = ("PUBSUB_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
 @contextlib.contextmanager
 def emulator_env(host: str) -> Iterator[None]:
     previous = os.environ.get("PUBSUB_EMULATOR_HOST")
@@ -346,6 +435,10 @@ class ClusterConfig:
     socket_env: dict[str, str] = field(default_factory=dict)
     api_env: dict[str, str] = field(default_factory=dict)
     with_lb: bool = True
+    # The services talk to the strict stand-in (TLS, ADC, the real service's rules) in front of
+    # the emulator; False: straight to the emulator (make run, make bench).
+    strict: bool = True
+    stream_lifetime: str = "10:40"
 
 
 class LocalCluster:
@@ -356,10 +449,23 @@ class LocalCluster:
         self._own_dir = work_dir is None
         self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="pubsock-"))
         self.emulator = Emulator(config.emulator_port, self.work_dir)
+        self.strict = (
+            StrictPubSub(self.emulator.host, self.work_dir, config.stream_lifetime)
+            if config.strict
+            else None
+        )
+        wiring = (
+            self.strict.env()
+            if self.strict is not None
+            else {"PUBSUB_EMULATOR_HOST": self.emulator.host}
+        )
+        inherited = {
+            k: v for k, v in os.environ.items() if self.strict is None or k not in _NOT_FOR_STRICT
+        }
         base = {
-            **os.environ,
+            **inherited,
             "BROKER": "pubsub",
-            "PUBSUB_EMULATOR_HOST": self.emulator.host,
+            **wiring,
             "GOOGLE_CLOUD_PROJECT": PROJECT,
             "PUBSUB_TOPIC": TOPIC,
             "HOST": "127.0.0.1",
@@ -411,6 +517,8 @@ class LocalCluster:
         try:
             self.emulator.start()
             self.emulator.create_topic()
+            if self.strict is not None:
+                self.strict.start()
             for service in (self.api, *self.sockets):
                 service.start(wait_ready=False)
             for service in (self.api, *self.sockets):
@@ -429,6 +537,8 @@ class LocalCluster:
             service.process.stop_async()
         for service in services:
             service.process.stop()
+        if self.strict is not None:
+            self.strict.stop()
         self.emulator.stop()
         if self._own_dir and not os.environ.get("PUBSOCK_KEEP_LOGS"):
             shutil.rmtree(self.work_dir, ignore_errors=True)

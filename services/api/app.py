@@ -40,7 +40,7 @@ from services.api.models import (
 from services.api.publisher import Publisher
 from services.api.settings import ApiSettings
 from services.core.auth import mint_token
-from services.core.broker import Broker, BrokerUnavailable, create_broker
+from services.core.broker import Broker, BrokerBusy, BrokerUnavailable, create_broker
 from services.core.channels import CHANNEL_PATTERN, NamespaceLabeler
 from services.core.envelope import Envelope, dumps
 from services.core.ids import new_message_id
@@ -57,7 +57,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorBody, "description": "credential not allowed on this channel"},
     413: {"model": ErrorBody, "description": "data or request body too large"},
     422: {"model": ErrorBody, "description": "malformed body or channel name"},
-    429: {"model": ErrorBody, "description": "rate limit; retry after Retry-After seconds"},
+    429: {
+        "model": ErrorBody,
+        "description": "rate limit, or the channel's backlog for Pub/Sub is full (nothing was "
+        "published); retry after Retry-After seconds",
+    },
 }
 
 
@@ -181,6 +185,13 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
             raise
         try:
             await publisher.publish([envelope])
+        except BrokerBusy as exc:
+            count("busy", [channel])
+            return JSONResponse(
+                {"detail": f"not published: {exc}; retry later", "id": message_id},
+                status_code=429,
+                headers=retry_after,
+            )
         except BrokerUnavailable as exc:
             count("unavailable", [channel])
             return JSONResponse(
@@ -232,6 +243,13 @@ def create_app(settings: ApiSettings, broker: Broker | None = None) -> FastAPI:
         ids = [envelope.id for envelope in envelopes]
         try:
             await publisher.publish(envelopes)
+        except BrokerBusy as exc:
+            count("busy", channels)
+            return JSONResponse(
+                {"detail": f"batch not published: {exc}; retry later", "ids": ids},
+                status_code=429,
+                headers=retry_after,
+            )
         except BrokerUnavailable as exc:
             count("unavailable", channels)
             return JSONResponse(

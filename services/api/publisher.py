@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from services.api.metrics import ApiMetrics
-from services.core.broker import Broker, BrokerUnavailable, OutgoingMessage
+from services.core.broker import Broker, BrokerBusy, BrokerUnavailable, OutgoingMessage
 from services.core.envelope import Envelope
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,13 @@ class Publisher:
     async def _probe_forever(self) -> None:
         """Keeps `pubsock_broker_up` true while nobody publishes: an idle API still knows."""
         while True:
-            up = await self._broker.probe()
-            if not up:
-                log.warning("Pub/Sub does not answer")
+            up = await self._broker.probe()  # logs why it is down, once per change
             self._metrics.broker_up.set(1 if up else 0)
             await asyncio.sleep(self._probe_interval_s)
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Publishes every envelope; returns once Pub/Sub confirmed all, else BrokerUnavailable."""
+        """Publishes every envelope; returns once Pub/Sub confirmed all. Raises BrokerUnavailable
+        (outcome unknown) or BrokerBusy (a channel's backlog is full: nothing was published)."""
         self._in_flight += 1
         self._idle.clear()
         self._metrics.in_flight.inc()
@@ -58,24 +57,20 @@ class Publisher:
             messages = [
                 OutgoingMessage(env.encode(), env.channel, env.attributes()) for env in envelopes
             ]
-            results: list[BaseException | None]
-            if len(messages) == 1:  # the usual case: no task to gather
-                try:
-                    results = [await self._broker.publish(messages[0])]
-                except Exception as exc:
-                    results = [exc]
-            else:
-                results = await asyncio.gather(
-                    *(self._broker.publish(message) for message in messages),
-                    return_exceptions=True,
-                )
-            failure = next((r for r in results if isinstance(r, BaseException)), None)
-            if failure is not None:
+            try:
+                if len(messages) == 1:  # the usual case: no gather
+                    await self._broker.publish(messages[0])
+                else:
+                    await self._broker.publish_many(messages)
+            except BrokerBusy:
+                raise  # the channel's backlog is full: Pub/Sub itself is fine
+            except BrokerUnavailable:
                 self._metrics.broker_up.set(0)
-                if isinstance(failure, BrokerUnavailable):
-                    raise failure
-                log.error("publish failed unexpectedly", exc_info=failure)
-                raise BrokerUnavailable(str(failure)) from failure
+                raise
+            except Exception as exc:
+                self._metrics.broker_up.set(0)
+                log.error("publish failed unexpectedly", exc_info=exc)
+                raise BrokerUnavailable(str(exc)) from exc
             self._metrics.broker_up.set(1)
         finally:
             self._metrics.publish_latency.observe(time.perf_counter() - started)

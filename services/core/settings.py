@@ -35,6 +35,12 @@ class CommonSettings(BaseSettings):
     drain_delay_s: float = Field(0.0, ge=0)
     publish_timeout_s: float = Field(10.0, gt=0)
     publish_batch_latency_s: float = Field(0.002, ge=0)
+    # Pub/Sub's endpoint, e.g. europe-west1-pubsub.googleapis.com:443 (regional: ordering holds
+    # for publishers in one region). Empty: the global pubsub.googleapis.com.
+    pubsub_api_endpoint: str = ""
+    # One channel's publishes waiting for Pub/Sub (a key carries at most 1 MB/s): beyond, 429.
+    publish_key_max_messages: int = Field(10_000, ge=1)
+    publish_key_max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     api_keys: str = ""
     token_secret: str = ""
     token_ttl_max_s: int = Field(86400, ge=1)

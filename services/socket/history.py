@@ -6,6 +6,9 @@ Recovery must never leave a silent gap. The history knows three things that make
   resubscribed) cannot prove that nothing is missing after them;
 - `complete_from_ms`, and per channel the publish time of the newest evicted entry: the window
   of publish times for which this pod holds every message, used to resolve `@<ms>` positions.
+- while a warm start's backlog (a seek's replay) is still arriving, `backlog_until_ms`: a channel
+  is complete from the seek point only once a message of it published after the opening arrived
+  (Pub/Sub keeps each channel's order, so its backlog is over); until then from the opening.
 """
 
 from __future__ import annotations
@@ -75,15 +78,28 @@ class History:
         self.complete_from_ms = 2**62  # nothing is complete until the stream starts
         self.lru_evicted_ms = 0
         self.watermark_ms = 0  # newest publish time seen
+        self.backlog_until_ms: int | None = None
+        self._backlog_over: set[str] = set()  # channels whose backlog is known to be over
 
     # -- the stream --------------------------------------------------------------------------
-    def stream_started(self, complete_from_ms: int) -> None:
-        """The pod's stream (re)started; it is complete for messages published from then on.
+    def stream_started(self, complete_from_ms: int, backlog_until_ms: int | None = None) -> None:
+        """The pod's stream (re)started; it is complete for messages published from then on
+        (with `backlog_until_ms`: once each channel's backlog published before then is in).
 
         Called again after a break: entries received before it can no longer anchor a recovery.
         """
         self.break_seq = self._seq + 1
         self.complete_from_ms = complete_from_ms
+        self.backlog_until_ms = backlog_until_ms
+        self._backlog_over.clear()
+
+    def backlog_over(self) -> None:
+        """The whole backlog is in: every channel is complete from `complete_from_ms`."""
+        self.backlog_until_ms = None
+        self._backlog_over.clear()
+
+    def _in_backlog(self, channel: str) -> bool:
+        return self.backlog_until_ms is not None and channel not in self._backlog_over
 
     def contains(self, channel: str, message_id: str) -> bool:
         history = self._channels.get(channel)
@@ -98,6 +114,8 @@ class History:
         else:
             self._channels.move_to_end(channel)
         self._seq += 1
+        if self.backlog_until_ms is not None and publish_ms >= self.backlog_until_ms:
+            self._backlog_over.add(channel)
         entry = Entry(message_id, self._seq, publish_ms, frame)
         history.entries.append(entry)
         history.index[message_id] = entry
@@ -142,7 +160,10 @@ class History:
     def _complete_after_ms(self, channel: str) -> int:
         history = self._channels.get(channel)
         evicted = history.evicted_ms if history is not None else self.lru_evicted_ms
-        return max(self.complete_from_ms, evicted)
+        complete = max(self.complete_from_ms, evicted)
+        if self.backlog_until_ms is not None and self._in_backlog(channel):
+            complete = max(complete, self.backlog_until_ms)
+        return complete
 
     def recover(self, channel: str, since: str) -> Recovery | None:
         """Everything after `since`, or NOT_RECOVERED; None for an id not seen (yet)."""
@@ -166,8 +187,16 @@ class History:
         entry = history.index.get(since) if history is not None else None
         if entry is None:
             return None
-        if entry.seq < self.break_seq:
+        if entry.seq < self.break_seq or entry.publish_ms < self.complete_from_ms:
+            # Before the break, or older than what the pod can prove it holds (the emulator
+            # replays a retained backlog to a new subscription; the real service does not).
             return NOT_RECOVERED
+        if (
+            self.backlog_until_ms is not None
+            and entry.publish_ms < self.backlog_until_ms
+            and self._in_backlog(channel)
+        ):
+            return NOT_RECOVERED  # more of the channel's backlog may still be on its way
         assert history is not None
         if entry is history.entries[-1]:
             return Recovery(True, [])

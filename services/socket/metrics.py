@@ -44,6 +44,12 @@ class SocketMetrics:
             "Times the subscription stream ended and was reopened",
             registry=r,
         )
+        self.broker_refusals = Counter(
+            "pubsock_broker_refusals_total",
+            "Times Pub/Sub refused the subscription for good (permission, not found, ...), by code",
+            ["code"],
+            registry=r,
+        )
         self.deaf = Counter(
             "pubsock_deaf_total",
             "Times the pod stopped hearing its own presence announcements and resubscribed",

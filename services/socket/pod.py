@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 DEFAULT_WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 MAINTENANCE_TICK_S = 1.0
 HISTORY_EXPIRE_EVERY_S = 10.0
-WARM_QUIET_S = 0.3
 
 
 def subscription_name(pod_name: str) -> str:
@@ -151,23 +150,31 @@ class Pod:
         )
 
     async def _warm_start(self) -> None:
-        """Waits until the retained messages replayed to the new subscription are in history.
-
-        Our first presence announcement marks the end of the backlog; then a short quiet spell.
-        Bounded by WARM_START_TIMEOUT_S either way.
-        """
+        """Waits, bounded by WARM_START_TIMEOUT_S, until the stream flows (our own presence
+        announcement came back) and the seek's backlog is over: no backlog message (published
+        before the opening) for WARM_QUIET_S. Live messages do not count, so steady traffic does
+        not hold the pod back. Past the bound the pod turns ready anyway; channels whose backlog
+        is not known to be over then recover only from the opening on (history.py)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.warm_start_timeout_s
+        settings = self.settings
+        deadline = loop.time() + settings.warm_start_timeout_s
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                self.presence.own_heard.wait(), self.settings.warm_start_timeout_s
-            )
-        # A quiet spell is a duration by nature: poll for it, bounded by the deadline.
-        while (  # noqa: ASYNC110
-            loop.time() < deadline and time.monotonic() - self.pump.last_delivery_at < WARM_QUIET_S
-        ):
-            await asyncio.sleep(WARM_QUIET_S / 4)
-        log.info("warm start done", extra={"history_messages": self.history.message_count})
+            await asyncio.wait_for(self.presence.own_heard.wait(), settings.warm_start_timeout_s)
+        if self.pump.backlog_until_ms is not None:
+            # A quiet spell is a duration by nature: poll for it, bounded by the deadline.
+            while (  # noqa: ASYNC110
+                loop.time() < deadline and self.pump.backlog_quiet_s() < settings.warm_quiet_s
+            ):
+                await asyncio.sleep(settings.warm_quiet_s / 4)
+            if self.pump.backlog_quiet_s() >= settings.warm_quiet_s:
+                self.pump.end_backlog()
+        log.info(
+            "warm start done",
+            extra={
+                "history_messages": self.history.message_count,
+                "backlog_over": self.pump.backlog_until_ms is None,
+            },
+        )
 
     def _unprovable_break(self) -> None:
         """Messages may be missing for everyone connected: close them with 1013 so they come
@@ -285,6 +292,11 @@ class Pod:
                     session.ping_sent_at = now
                     session.protocol.send_ping(b"pubsock")
                     flush(session.protocol, session.transport)
+            if (
+                self.pump.backlog_until_ms is not None
+                and self.pump.backlog_quiet_s() >= settings.warm_quiet_s
+            ):
+                self.pump.end_backlog()
             if now >= next_expiry:
                 self.history.expire()
                 next_expiry = now + HISTORY_EXPIRE_EVERY_S

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from services.core.broker import Broker, BrokerUnavailable, Delivery, OutgoingMessage
+from services.core.broker import Broker, BrokerBusy, BrokerUnavailable, Delivery, OutgoingMessage
 from services.core.envelope import KIND_ATTRIBUTE, PRESENCE_KIND
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Presence:
                 await self._broker.publish(OutgoingMessage(body, key, attributes))
                 self.announcements_sent += 1
                 self._on_sent()
-            except BrokerUnavailable:
+            except (BrokerUnavailable, BrokerBusy):
                 self._dirty.update(channels)  # try again next round
                 return
 

@@ -41,6 +41,8 @@ class SocketSettings(CommonSettings):
     # history is complete back to min(this, HISTORY_AGE_S) after its warm start.
     topic_retention_s: float = Field(0.0, ge=0)
     warm_start_timeout_s: float = Field(15.0, ge=0)
+    # The warm start's backlog is over after this long without a message of it (docs/pubsub.md).
+    warm_quiet_s: float = Field(1.0, gt=0)
     shutdown_cleanup_s: float = Field(10.0, gt=0)
     max_connections: int = Field(20000, ge=1)
     client_frames_per_s: float = Field(20.0, gt=0)

@@ -191,9 +191,19 @@ async def metric(url: str, name: str) -> float:
 async def test_emulator_restart_503_then_recovery_and_the_pod_marks_the_break(faulty, channel):
     """Pub/Sub goes away: the API answers 503 with Retry-After in bounded time, broker_up drops,
     readiness stays; when it returns (topic recreated, as make run does) publishing recovers by
-    itself, the socket pod resubscribes, closes its clients with 1013 and answers
+    itself. The pod's subscription is gone with the emulator and the seek that would replay the
+    gap fails: the pod resubscribes, closes its clients with 1013 and answers
     `recovered: false` across the break."""
     pod = faulty.sockets[0]
+    assert faulty.strict is not None
+    faulty.strict.control("seek-fails", on=1)
+    try:
+        await _emulator_restart(faulty, pod, channel)
+    finally:
+        faulty.strict.control("seek-fails", on=0)
+
+
+async def _emulator_restart(faulty: LocalCluster, pod, channel: str) -> None:
     async with httpx.AsyncClient(base_url=faulty.api.url, timeout=10) as api:
         follower = Follower(channel)
         await follower.attach(pod.ws_url)
@@ -240,13 +250,18 @@ async def test_emulator_restart_503_then_recovery_and_the_pod_marks_the_break(fa
         report("emulator_restart", published_before=1, during_status=503, after_delivered=True)
 
 
-async def test_a_deleted_subscription_is_recreated(faulty, channel):
-    """Someone deletes the pod's subscription: the pod recreates it and keeps delivering."""
+async def test_a_deleted_subscription_is_recreated_and_the_gap_replayed(faulty, channel):
+    """Someone deletes the pod's subscription: the pod recreates it, seeks back to where the
+    stream broke, and its clients get every message, the ones published meanwhile included,
+    without a break."""
     pod = faulty.sockets[1]
     client = await WsClient.connect(pod.ws_url)
     await client.subscribe(channel)
+    breaks = await metric(pod.url, "pubsock_unprovable_breaks_total")
     listing = f"http://{faulty.emulator.host}/v1/projects/local-project/subscriptions"
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(base_url=faulty.api.url) as api, httpx.AsyncClient() as http:
+        first = (await api.post(f"/v1/channels/{channel}/messages", json={"data": 1})).json()["id"]
+        assert (await client.next("message", timeout=30))["id"] == first
         # After the emulator restart of the test before, the pod may still be recreating it.
         async with asyncio.timeout(30):
             while True:
@@ -257,12 +272,12 @@ async def test_a_deleted_subscription_is_recreated(faulty, channel):
                 await asyncio.sleep(0.2)
         assert len(mine) == 1
         await http.delete(f"http://{faulty.emulator.host}/v1/{mine[0]}")
-    assert await client.wait_closed(30) == 1013  # the break cannot be proven gap-free
-    client = await WsClient.connect(pod.ws_url)
-    await client.subscribe(channel)
-    async with httpx.AsyncClient(base_url=faulty.api.url) as api:
-        sent = (await api.post(f"/v1/channels/{channel}/messages", json={"data": "x"})).json()["id"]
-    assert (await client.next("message", timeout=30))["id"] == sent
+        sent = [
+            (await api.post(f"/v1/channels/{channel}/messages", json={"data": n})).json()["id"]
+            for n in range(2, 7)
+        ]
+    assert [f["id"] for f in await client.messages(len(sent), timeout=30)] == sent
+    assert await metric(pod.url, "pubsock_unprovable_breaks_total") == breaks
 
 
 async def test_a_cold_pod_recovers_a_client_from_retained_messages(faulty, channel):

@@ -41,13 +41,12 @@ def make_pump() -> tuple[Pump, Hub, History, SocketMetrics]:
     return pump, hub, history, metrics
 
 
-def delivery(envelope: Envelope, acks: list[str] | None = None, **attributes: str) -> Delivery:
+def delivery(envelope: Envelope, **attributes: str) -> Delivery:
     return Delivery(
         data=envelope.encode(),
         attributes={"channel": envelope.channel, **attributes},
         message_id=f"pubsub-{envelope.id}",
         publish_ms=envelope.ts,
-        ack=(lambda: acks.append(envelope.id)) if acks is not None else (lambda: None),
     )
 
 
@@ -70,15 +69,13 @@ def test_one_frame_object_goes_to_every_session():
     assert metrics.frames_sent._value.get() == 3
 
 
-def test_duplicates_are_dropped_and_acked():
+def test_duplicates_are_dropped():
     pump, hub, _, metrics = make_pump()
     session = FakeSession()
     hub.add("room:1", session)
-    acks: list[str] = []
     for _ in range(3):
-        pump.handle(delivery(Envelope("m1", "room:1", 1, 1), acks))
+        pump.handle(delivery(Envelope("m1", "room:1", 1, 1)))
     assert len(session.frames) == 1
-    assert acks == ["m1"] * 3
     assert metrics.duplicates_dropped._value.get() == 2
 
 
@@ -96,7 +93,7 @@ def test_presence_and_garbage_never_reach_sessions():
     session = FakeSession()
     hub.add("c", session)
     pump.handle(delivery(Envelope("p", "c", 1, 1), kind="presence"))
-    garbage = Delivery(b"nope", {"channel": "c"}, "x", 1, lambda: None)
+    garbage = Delivery(b"nope", {"channel": "c"}, "x", 1)
     pump.handle(garbage)
     assert session.frames == [] and history.message_count == 0
     assert metrics.invalid_messages._value.get() == 1
@@ -141,7 +138,6 @@ def test_presence_reannouncing_the_same_members_emits_no_events():
                 {"kind": "presence"},
                 str(seq),
                 int(_time.time() * 1000),
-                lambda: None,
             )
         )
 

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 import pytest
 
 from services.core.broker.ordered_publisher import (
+    REQUEST_MAX_BYTES,
     REQUEST_MAX_MESSAGES,
+    KeyBacklogFull,
     OrderedPublisher,
     Pending,
     PublishFailed,
@@ -25,6 +27,7 @@ class FakePubSub:
 
     async def send(self, batch: Sequence[Pending], deadline: float) -> Sequence[str]:
         assert deadline > asyncio.get_running_loop().time()
+        assert len({item.ordering_key for item in batch}) == 1, "one ordering key per request"
         self.requests.append([(item.ordering_key, item.data) for item in batch])
         answer = asyncio.get_running_loop().create_future()
         self._answers.append(answer)
@@ -70,16 +73,67 @@ async def test_one_request_in_flight_per_key_and_the_rest_batched_behind_it() ->
     await publisher.close()
 
 
-async def test_keys_ready_at_once_share_a_request() -> None:
+async def test_every_request_carries_one_ordering_key() -> None:
+    """Pub/Sub refuses a Publish with mixed ordering keys (FAILED_PRECONDITION): keys ready at
+    once go in requests of their own, all in flight together."""
     fake = FakePubSub()
     publisher = OrderedPublisher(fake.send, timeout_s=5)
     futures = [publish(publisher, key, f"{key}{n}") for n in range(2) for key in "abc"]
-    await fake.wait_requests(1)
-    assert sorted(fake.requests[0]) == sorted(
-        (key, f"{key}{n}".encode()) for n in range(2) for key in "abc"
-    )
-    fake.answer(0)
+    await fake.wait_requests(3)
+    assert sorted(fake.requests) == [
+        [(key, f"{key}0".encode()), (key, f"{key}1".encode())] for key in "abc"
+    ]
+    for index in range(3):
+        fake.answer(index)
     assert len(await asyncio.gather(*futures)) == 6
+    assert publisher.requests_sent == 3
+    await publisher.close()
+
+
+async def test_a_full_key_refuses_the_whole_batch_and_queues_nothing() -> None:
+    fake = FakePubSub()
+    publisher = OrderedPublisher(fake.send, timeout_s=5, key_max_messages=3)
+    first = [publish(publisher, "hot", str(n)) for n in range(3)]
+    await fake.wait_requests(1)
+    with pytest.raises(KeyBacklogFull, match="hot"):
+        publisher.publish_all([(b"x", {}, "calm"), (b"4", {}, "hot")])
+    assert publisher.backlog("calm") == (0, 0)  # all or nothing
+    assert publisher.backlog("hot")[0] == 3
+    fake.answer(0)
+    await asyncio.gather(*first)
+    assert publisher.backlog("hot") == (0, 0)
+    later = publish(publisher, "hot", "5")  # room again once Pub/Sub confirmed
+    await fake.wait_requests(2)
+    fake.answer(1)
+    assert await later == "id-5"
+    await publisher.close()
+
+
+async def test_a_key_is_bounded_in_bytes_too() -> None:
+    fake = FakePubSub()
+    publisher = OrderedPublisher(fake.send, timeout_s=5, key_max_bytes=1000)
+    kept = publisher.publish(b"x" * 500, {}, "k").future
+    with pytest.raises(KeyBacklogFull):
+        publisher.publish(b"y" * 500, {}, "k")
+    await fake.wait_requests(1)
+    fake.answer(0)
+    assert await kept == "id-" + "x" * 500
+    await publisher.close()
+
+
+async def test_requests_stay_within_the_byte_limit() -> None:
+    fake = FakePubSub()
+    publisher = OrderedPublisher(fake.send, timeout_s=5, key_max_bytes=64 * 1024 * 1024)
+    big = b"z" * (REQUEST_MAX_BYTES // 2)
+    futures = [publisher.publish(big, {}, "k").future for _ in range(3)]
+    await fake.wait_requests(1)
+    assert len(fake.requests[0]) == 1  # two would pass the limit with their overhead
+    fake.answer(0)
+    await fake.wait_requests(2)
+    fake.answer(1)
+    await fake.wait_requests(3)
+    fake.answer(2)
+    await asyncio.gather(*futures)
     await publisher.close()
 
 

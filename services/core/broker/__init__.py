@@ -1,20 +1,28 @@
 """The Broker interface: how a service publishes to the topic and how a pod reads its subscription.
 
-Contract of every implementation:
+The contract every implementation keeps (Google Cloud Pub/Sub in pubsub.py, the in-process one in
+memory.py; docs/pubsub.md says what pubsock relies on from the real service):
 - `publish` returns only once the broker has the message durably (Pub/Sub acknowledged it), or
-  raises `BrokerUnavailable` within the publish timeout: a caller never hangs and never sees a
-  message "half" published without being told the outcome is unknown.
-- Messages with the same ordering key are delivered to each subscription in publish order.
-- Delivery is at least once: a subscription may hand out a message again (Pub/Sub redelivery);
-  consumers drop duplicates by message id.
-- A subscription that may have lost messages (its stream died, it was recreated) raises
-  `StreamBroken` from `next_batch`; the consumer marks a continuity break and calls `open` again.
+  raises within the publish timeout: `BrokerUnavailable` (outcome unknown: the caller retries with
+  the same ids) or `BrokerBusy` (the channel's backlog is full: nothing was published). A batch is
+  all or nothing as far as admission goes.
+- Messages with the same ordering key (the channel) reach each subscription in publish order.
+- A subscription is acknowledged as it hands a batch over (`next_batch`): handing over is in
+  order and the pump's handling cannot fail. Redelivery (at least once) still happens: after a
+  stream restart, a lost ack or a seek; consumers drop duplicates by message id.
+- A new subscription sees only what is published after its creation. Older messages come only
+  from a successful seek to a time (topic retention), made before the stream starts:
+  `OpenResult.seeked_to_ms` says whether it happened. Nothing else may be taken as history.
+- A subscription that may have lost messages (its stream died for good, it was recreated) raises
+  `StreamBroken` from `next_batch`; the consumer marks a continuity break and calls `open` again,
+  backing off (`StreamBroken.permanent`: the service refuses, an operator must act).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.core.settings import CommonSettings
@@ -24,8 +32,33 @@ class BrokerUnavailable(Exception):
     """The broker did not confirm in time or refused: the outcome of a publish is unknown."""
 
 
+class BrokerBusy(Exception):
+    """A channel's publish backlog is at its bound: nothing was published; retry later."""
+
+
+class BrokerRefused(Exception):
+    """The broker refused for good (permission, not found, invalid): an operator must act.
+    `fix` says what to do, for the ERROR log line."""
+
+    def __init__(self, reason: str, code: str, fix: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.fix = fix
+
+
 class StreamBroken(Exception):
-    """The subscription's stream ended; messages published meanwhile may be missing."""
+    """The subscription's stream ended; messages published meanwhile may be missing.
+
+    `permanent`: the service refused the stream (permission, not found, ...): reopening can only
+    succeed once something is fixed, so the consumer backs off and says what to fix."""
+
+    def __init__(
+        self, reason: str, code: str | None = None, permanent: bool = False, fix: str = ""
+    ) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.permanent = permanent
+        self.fix = fix
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,33 +70,31 @@ class OutgoingMessage:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
+    """A message as the subscription hands it over (already acknowledged, see above)."""
+
     data: bytes
     attributes: Mapping[str, str]
     message_id: str
     publish_ms: int
-    ack: Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)
 class OpenResult:
-    complete_from_ms: int  # every message published from then on will be delivered
+    opened_ms: int  # every message published from then on will be delivered
     created: bool  # the subscription did not exist (first start, or it vanished)
+    seeked_to_ms: int | None = None  # a seek made the history complete back to then
 
 
 class Subscription(abc.ABC):
     """One pod's own subscription to the topic: every message, in per-key order."""
 
     @abc.abstractmethod
-    async def open(self) -> OpenResult:
-        """Creates the subscription if missing and (re)starts delivery.
+    async def open(self, seek_to_ms: int | None = None) -> OpenResult:
+        """Creates the subscription if missing and (re)starts delivery; a subscription it
+        created is first seeked to `seek_to_ms` (the topic's retained messages since then).
 
         Reopening an existing subscription loses nothing: unacknowledged messages come again.
         """
-
-    @abc.abstractmethod
-    async def seek_to(self, time_ms: int) -> bool:
-        """Replays what the topic retained since `time_ms`; False where seek is unsupported
-        (the emulator answers 501, but replays every retained message to a new subscription)."""
 
     @abc.abstractmethod
     async def restart_stream(self) -> None:
@@ -87,11 +118,20 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, message: OutgoingMessage) -> None:
-        """Returns once the broker has the message; raises BrokerUnavailable otherwise."""
+        """Returns once the broker has the message; raises BrokerUnavailable or BrokerBusy."""
+
+    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Every message, admitted all or none; returns once the broker has them all."""
+        results = await asyncio.gather(
+            *(self.publish(message) for message in messages), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     @abc.abstractmethod
     async def probe(self) -> bool:
-        """True when the broker answers at all (an authorization refusal counts as an answer)."""
+        """True when the broker answers and lets this service in (a refusal is down)."""
 
     @abc.abstractmethod
     def subscription(self, name: str, labels: Mapping[str, str]) -> Subscription: ...
@@ -110,4 +150,7 @@ def create_broker(settings: CommonSettings) -> Broker:
         topic=settings.pubsub_topic,
         publish_timeout_s=settings.publish_timeout_s,
         batch_latency_s=settings.publish_batch_latency_s,
+        api_endpoint=settings.pubsub_api_endpoint,
+        key_max_messages=settings.publish_key_max_messages,
+        key_max_bytes=settings.publish_key_max_bytes,
     )

@@ -20,10 +20,6 @@ from services.core.broker import (
 )
 
 
-def _no_ack() -> None:
-    return None
-
-
 class MemorySubscription(Subscription):
     def __init__(self, broker: MemoryBroker, name: str) -> None:
         self._broker = broker
@@ -31,13 +27,11 @@ class MemorySubscription(Subscription):
         self._inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self.deleted = False
 
-    async def open(self) -> OpenResult:
+    async def open(self, seek_to_ms: int | None = None) -> OpenResult:
+        """Nothing is retained, so there is no seek: history starts at the creation."""
         created = self.name not in self._broker._subscriptions
         self._broker._subscriptions[self.name] = self
         return OpenResult(int(time.time() * 1000), created)
-
-    async def seek_to(self, time_ms: int) -> bool:
-        return False
 
     async def restart_stream(self) -> None:
         self.break_stream()
@@ -96,7 +90,6 @@ class MemoryBroker(Broker):
             attributes=dict(message.attributes),
             message_id=str(next(self._ids)),
             publish_ms=int(time.time() * 1000),
-            ack=_no_ack,
         )
         for subscription in self._subscriptions.values():
             subscription._put(delivery)

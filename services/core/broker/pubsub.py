@@ -1,11 +1,15 @@
-"""The Google Cloud Pub/Sub broker, on the real `google-cloud-pubsub` package.
+"""The Google Cloud Pub/Sub broker, on google-cloud-pubsub's async GAPIC clients.
 
-Publishing and the subscription's stream run on the event loop itself, on grpc.aio channels with
-the package's generated messages: Publish, ordered and batched by `OrderedPublisher`, and
-StreamingPull (see PubSubSubscription). The package's threaded PublisherClient and streaming-pull
-client cost about twice the CPU (bench scenarios 2-4). The admin calls (create, seek, get and
-delete a subscription) stay on its blocking SubscriberClient; `_blocking` is the one place where
-a client thread meets asyncio.
+`PublisherAsyncClient` and `SubscriberAsyncClient` (grpc.aio) give the channel, Application
+Default Credentials (Workload Identity on GKE), the endpoint (`PUBSUB_API_ENDPOINT`, e.g. a
+regional one), TLS and the `x-goog-api-client` header; the admin calls (create, seek, get, delete,
+a unary acknowledge) go through them with their retry policy. No client threads anywhere.
+
+Two calls do not go through the clients' proto-plus wrappers, because those cost what the bench
+measures: Publish (the api's hot path: `OrderedPublisher`, one ordering key per request) and
+StreamingPull (the pod's ingest). They run on the very same channel, with the generated protobuf
+classes and the same headers the clients send (`_METADATA`). The client library's threaded
+PublisherClient and streaming-pull client cost about twice the CPU (bench scenarios 2-4).
 """
 
 from __future__ import annotations
@@ -15,23 +19,36 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, TypeVar
-from urllib.parse import quote
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
+import google.auth
 import grpc
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1
+from google.api_core.client_options import ClientOptions
+from google.api_core.retry import AsyncRetry, if_exception_type
+from google.pubsub_v1.services.publisher import PublisherAsyncClient
+from google.pubsub_v1.services.publisher.transports.base import (
+    DEFAULT_CLIENT_INFO as PUBLISHER_CLIENT_INFO,
+)
 from google.pubsub_v1.services.publisher.transports.grpc_asyncio import (
     PublisherGrpcAsyncIOTransport,
+)
+from google.pubsub_v1.services.subscriber import SubscriberAsyncClient
+from google.pubsub_v1.services.subscriber.transports.base import (
+    DEFAULT_CLIENT_INFO as SUBSCRIBER_CLIENT_INFO,
 )
 from google.pubsub_v1.services.subscriber.transports.grpc_asyncio import (
     SubscriberGrpcAsyncIOTransport,
 )
 from google.pubsub_v1.types import pubsub as pubsub_types
 
+from services.core.backoff import backoff_delays
 from services.core.broker import (
     Broker,
+    BrokerBusy,
+    BrokerRefused,
     BrokerUnavailable,
     Delivery,
     OpenResult,
@@ -39,26 +56,35 @@ from services.core.broker import (
     StreamBroken,
     Subscription,
 )
-from services.core.broker.ordered_publisher import OrderedPublisher, Pending, PublishFailed
+from services.core.broker.ordered_publisher import (
+    KeyBacklogFull,
+    OrderedPublisher,
+    Pending,
+    PublishFailed,
+)
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-SUBSCRIPTION_EXPIRATION_S = (
-    86400  # the minimum Pub/Sub allows: orphans of killed pods vanish in a day
-)
+SUBSCRIPTION_EXPIRATION_S = 86400  # the minimum Pub/Sub allows: orphans vanish in a day
 SUBSCRIPTION_RETENTION_S = 600  # the minimum: a pod's backlog older than that is useless anyway
-ACK_DEADLINE_S = 60
+ACK_DEADLINE_S = 10  # the minimum: a message lost in transit comes again soon (acked on hand-off)
 FLOW_CONTROL_MAX_MESSAGES = 2000
 FLOW_CONTROL_MAX_BYTES = 64 * 1024 * 1024
 ADMIN_TIMEOUT_S = 30.0
 PROBE_TIMEOUT_S = 3.0
-_TRANSIENT = (gexc.GoogleAPICallError, gexc.RetryError, TimeoutError, OSError)
+SEEK_TIMEOUT_S = 10.0  # a warm start waits for it
 RETRY_INITIAL_S = 0.1
 RETRY_MAX_S = 2.0
 STREAM_RETRY_MAX_S = 10.0
 HEARTBEAT_S = 30.0
+# Acknowledge and ModifyAckDeadline requests are limited to 512 KB (and so are a StreamingPull
+# request's ack ids); the client library sends at most 1,000 ids a request (dispatcher.py).
+ACK_MAX_IDS = 1000
+ACK_MAX_BYTES = 400 * 1024
+ACK_ID_OVERHEAD_BYTES = 4  # a repeated string's tag and length
+# Ack ids written to a stream this recently may not have reached the service when it ended:
+# they are sent again (unary, idempotent) with those still queued.
+ACK_RESEND_WINDOW_S = 5.0
 # The codes google-cloud-pubsub retries a publish on.
 _RETRYABLE = frozenset(
     {
@@ -71,17 +97,39 @@ _RETRYABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
-_ANSWERED = frozenset(
-    {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
+_ADMIN_RETRY = AsyncRetry(
+    initial=RETRY_INITIAL_S,
+    maximum=RETRY_MAX_S,
+    multiplier=2.0,
+    predicate=if_exception_type(
+        gexc.ServiceUnavailable,
+        gexc.DeadlineExceeded,
+        gexc.InternalServerError,
+        gexc.Aborted,
+        gexc.ResourceExhausted,
+        gexc.Unknown,
+    ),
+    timeout=ADMIN_TIMEOUT_S,
 )
+# What an operator must fix when the service refuses for good (logged at ERROR; docs/pubsub.md).
+FIXES = {
+    "UNAUTHENTICATED": "credentials were refused: check Workload Identity (the Kubernetes service "
+    "account's iam.gke.io/gcp-service-account annotation and its workloadIdentityUser binding)",
+    "PERMISSION_DENIED": "the service account lacks a Pub/Sub permission: {need} "
+    "(make deploy grants it; see docs/pubsub.md)",
+    "NOT_FOUND": "{what} does not exist: create it (make deploy does) or fix "
+    "GOOGLE_CLOUD_PROJECT / PUBSUB_TOPIC",
+    "INVALID_ARGUMENT": "the request was refused as invalid: check GOOGLE_CLOUD_PROJECT, "
+    "PUBSUB_TOPIC and the subscription settings",
+    "FAILED_PRECONDITION": "the service refused the request in its current state "
+    "(e.g. message ordering or the topic's retention): see docs/pubsub.md",
+}
 # The generated messages' protobuf classes: serialized by upb, without proto-plus wrappers.
-_PublishRequest = pubsub_types.PublishRequest.pb()
-_PublishResponse = pubsub_types.PublishResponse.pb()
-_PubsubMessage = pubsub_types.PubsubMessage.pb()
-_GetTopicRequest = pubsub_types.GetTopicRequest.pb()
-_Topic = pubsub_types.Topic.pb()
-_StreamingPullRequest = pubsub_types.StreamingPullRequest.pb()
-_StreamingPullResponse = pubsub_types.StreamingPullResponse.pb()
+_PublishRequest: Any = pubsub_types.PublishRequest.pb()
+_PublishResponse: Any = pubsub_types.PublishResponse.pb()
+_PubsubMessage: Any = pubsub_types.PubsubMessage.pb()
+_StreamingPullRequest: Any = pubsub_types.StreamingPullRequest.pb()
+_StreamingPullResponse: Any = pubsub_types.StreamingPullResponse.pb()
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -89,54 +137,109 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def _channel(
-    transport: type[PublisherGrpcAsyncIOTransport] | type[SubscriberGrpcAsyncIOTransport],
-) -> grpc.aio.Channel:
-    """The emulator's plain channel when PUBSUB_EMULATOR_HOST is set (as the client library
-    does), else Pub/Sub's with Application Default Credentials (Workload Identity on GKE)."""
+def _client_options(endpoint: str) -> ClientOptions | None:
+    return ClientOptions(api_endpoint=endpoint) if endpoint else None
+
+
+async def _credentials() -> Any:
+    """Application Default Credentials, looked up off the event loop (on GKE it asks the
+    metadata server); refreshed later by gRPC's own auth plugin, also off the loop."""
+    credentials, _ = await asyncio.to_thread(
+        google.auth.default, default_scopes=PublisherGrpcAsyncIOTransport.AUTH_SCOPES
+    )
+    return credentials
+
+
+async def publisher_client(endpoint: str) -> PublisherAsyncClient:
+    """PUBSUB_EMULATOR_HOST wins (as in the client library), with our channel options;
+    otherwise `endpoint` (empty: pubsub.googleapis.com) with ADC and TLS."""
     emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
     if emulator:
-        return grpc.aio.insecure_channel(emulator, options=_CHANNEL_OPTIONS)
-    return transport.create_channel(f"{transport.DEFAULT_HOST}:443", options=_CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(emulator, options=_CHANNEL_OPTIONS)
+        return PublisherAsyncClient(transport=PublisherGrpcAsyncIOTransport(channel=channel))
+    return PublisherAsyncClient(
+        credentials=await _credentials(), client_options=_client_options(endpoint)
+    )
 
 
-async def _blocking(call: Callable[[], T]) -> T:
-    """Runs a blocking client call off the event loop."""
-    return await asyncio.to_thread(call)
+async def subscriber_client(endpoint: str) -> SubscriberAsyncClient:
+    emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if emulator:
+        channel = grpc.aio.insecure_channel(emulator, options=_CHANNEL_OPTIONS)
+        return SubscriberAsyncClient(transport=SubscriberGrpcAsyncIOTransport(channel=channel))
+    return SubscriberAsyncClient(
+        credentials=await _credentials(), client_options=_client_options(endpoint)
+    )
 
 
-def _noop() -> None:
-    """A delivery's ack: the stream acknowledged it already (see `next_batch`)."""
+def _metadata(routing: str, client_info: Any) -> tuple[tuple[str, str], ...]:
+    """The headers the generated client sends: its routing header and `x-goog-api-client`."""
+    return (("x-goog-request-params", routing), client_info.to_grpc_metadata())
+
+
+def _quote(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, safe="")
+
+
+def ack_chunks(ack_ids: Sequence[str]) -> Iterator[list[str]]:
+    """Ack ids in groups inside the service's request limits (count and bytes)."""
+    chunk: list[str] = []
+    size = 0
+    for ack_id in ack_ids:
+        cost = len(ack_id) + ACK_ID_OVERHEAD_BYTES
+        if chunk and (len(chunk) >= ACK_MAX_IDS or size + cost > ACK_MAX_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(ack_id)
+        size += cost
+    if chunk:
+        yield chunk
+
+
+def describe_refusal(code: str, need: str, what: str) -> str:
+    """What to fix for a permanent error code, for the ERROR log line."""
+    return FIXES.get(code, "see docs/pubsub.md").format(need=need, what=what)
 
 
 class PubSubSubscription(Subscription):
-    """The pod's subscription, read with StreamingPull on a grpc.aio channel.
-
-    google-cloud-pubsub's streaming-pull client runs five threads and sends a unary Acknowledge
-    and ModifyAckDeadline RPC per received batch; on the 2-core bench machine that was about half
-    of a pod's CPU at 100 msg/s. Here the stream is read by the pump's own task, and acks travel
-    on the stream itself, one request per received batch.
+    """The pod's subscription, read with StreamingPull on the subscriber client's channel.
 
     Messages are acknowledged as `next_batch` hands them over, before they are handled: handing
-    over is in order and handling does not fail, and with ordering keys Pub/Sub would hold a
-    key's next message until the previous one is acked. The stream's client id stays the same
+    over is in order and handling does not fail, and with ordering keys Pub/Sub holds a key's
+    next message until the previous one is acked. Acks travel on the stream, in chunks inside
+    the service's limits; those still queued (or just written) when a stream ends are sent again
+    with a unary Acknowledge, so no ack is silently lost. The stream's client id stays the same
     across reconnects, so Pub/Sub carries the keys' ordering state over. Transient stream errors
-    (UNAVAILABLE, the server's periodic stream resets, ...) reconnect here with backoff and lose
-    nothing (what was not acked comes again); anything else ends the stream (`StreamBroken`).
+    (UNAVAILABLE, the server's periodic stream resets, ...) reconnect here with jittered backoff
+    and lose nothing (what was not acked comes again); anything else ends the stream
+    (`StreamBroken`, permanent) and the pump reopens it with its own backoff.
     """
 
-    def __init__(self, project: str, topic_path: str, name: str, labels: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        client: Callable[[], Awaitable[SubscriberAsyncClient]],
+        project: str,
+        topic_path: str,
+        name: str,
+        labels: Mapping[str, str],
+    ) -> None:
+        self._get_client = client
+        self._client: Any = None
         self._path = f"projects/{project}/subscriptions/{name}"
         self._topic_path = topic_path
         self._labels = dict(labels)
-        self._admin = pubsub_v1.SubscriberClient()  # create, seek, get, delete: rare, blocking
         self._client_id = uuid.uuid4().hex
-        self._metadata = (("x-goog-request-params", f"subscription={quote(self._path, safe='')}"),)
-        self._channel: grpc.aio.Channel | None = None
+        self._metadata = _metadata(f"subscription={_quote(self._path)}", SUBSCRIBER_CLIENT_INFO)
+        self._streaming_pull: Any = None
         self._call: Any = None
         self._requests: asyncio.Queue[Any] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._ended: str | None = "not open"  # why the stream ended (restart_stream, close)
+        self._written_acks: deque[tuple[float, list[str]]] = deque()
+        self._ack_tasks: set[asyncio.Task[None]] = set()
+        self._ended: StreamBroken | None = StreamBroken("not open")
+        self.acks_resent = 0
 
     @property
     def path(self) -> str:
@@ -153,30 +256,47 @@ class PubSubSubscription(Subscription):
             "labels": self._labels,
         }
         try:
-            await _blocking(
-                lambda: self._admin.create_subscription(request=request, timeout=ADMIN_TIMEOUT_S)
+            await self._client.create_subscription(
+                request=request, retry=_ADMIN_RETRY, timeout=ADMIN_TIMEOUT_S
             )
-            log.info("subscription created", extra={"subscription": self._path})
         except gexc.AlreadyExists:
             return False
+        log.info("subscription created", extra={"subscription": self._path})
         return True
 
-    async def open(self) -> OpenResult:
+    async def open(self, seek_to_ms: int | None = None) -> OpenResult:
         self._stop_stream()
-        created = await self._create()
-        complete_from_ms = int(time.time() * 1000)
+        if self._client is None:
+            self._client = await self._get_client()
+            self._streaming_pull = self._client.transport.grpc_channel.stream_stream(
+                "/google.pubsub.v1.Subscriber/StreamingPull",
+                request_serializer=_StreamingPullRequest.SerializeToString,
+                response_deserializer=_StreamingPullResponse.FromString,
+            )
+        try:
+            created = await self._create()
+        except gexc.GoogleAPICallError as exc:
+            code = exc.grpc_status_code
+            if code is None or code in _RETRYABLE:
+                raise
+            raise BrokerRefused(
+                f"CreateSubscription: {code.name} {exc.message}",
+                code.name,
+                describe_refusal(
+                    code.name,
+                    "pubsub.subscriptions.create on the project and "
+                    "pubsub.topics.attachSubscription on the topic",
+                    f"the topic {self._topic_path}",
+                ),
+            ) from exc
+        created_ms = int(time.time() * 1000)
+        # Seek before the stream starts: the replay then comes first, in each key's order.
+        seeked = created and seek_to_ms is not None and await self._seek(seek_to_ms)
         self._start_stream()
         self._ended = None
-        return OpenResult(complete_from_ms, created)
+        return OpenResult(created_ms, created, seek_to_ms if seeked else None)
 
     def _start_stream(self) -> None:
-        if self._channel is None:
-            self._channel = _channel(SubscriberGrpcAsyncIOTransport)
-        streaming_pull = self._channel.stream_stream(
-            "/google.pubsub.v1.Subscriber/StreamingPull",
-            request_serializer=_StreamingPullRequest.SerializeToString,
-            response_deserializer=_StreamingPullResponse.FromString,
-        )
         requests: asyncio.Queue[Any] = asyncio.Queue()
         requests.put_nowait(
             _StreamingPullRequest(
@@ -187,13 +307,16 @@ class PubSubSubscription(Subscription):
                 max_outstanding_bytes=FLOW_CONTROL_MAX_BYTES,
             )
         )
+        written = self._written_acks
 
         async def request_stream() -> AsyncIterator[Any]:
             while (request := await requests.get()) is not None:
                 yield request
+                if request.ack_ids:  # gRPC has written it by the time it asks for the next
+                    written.append((time.monotonic(), list(request.ack_ids)))
 
         self._requests = requests
-        self._call = streaming_pull(request_stream(), metadata=self._metadata)
+        self._call = self._streaming_pull(request_stream(), metadata=self._metadata)
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_forever(requests))
 
     async def _heartbeat_forever(self, requests: asyncio.Queue[Any]) -> None:
@@ -202,27 +325,35 @@ class PubSubSubscription(Subscription):
             await asyncio.sleep(HEARTBEAT_S)
             requests.put_nowait(_StreamingPullRequest())
 
-    async def seek_to(self, time_ms: int) -> bool:
+    async def _seek(self, time_ms: int) -> bool:
         seconds, millis = divmod(time_ms, 1000)
         request = {
             "subscription": self._path,
             "time": {"seconds": seconds, "nanos": millis * 1_000_000},
         }
         try:
-            await _blocking(lambda: self._admin.seek(request=request, timeout=ADMIN_TIMEOUT_S))
-        except (gexc.MethodNotImplemented, gexc.FailedPrecondition, gexc.InvalidArgument):
+            await self._client.seek(
+                request=request,
+                retry=_ADMIN_RETRY.with_timeout(SEEK_TIMEOUT_S),
+                timeout=SEEK_TIMEOUT_S,
+            )
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+            log.warning(
+                "seek failed: history starts at the subscription's creation",
+                extra={"subscription": self._path, "error": str(exc)},
+            )
             return False
         log.info("subscription seeked", extra={"subscription": self._path, "to_ms": time_ms})
         return True
 
     async def restart_stream(self) -> None:
-        self._stop_stream("restarted")
+        self._stop_stream(StreamBroken("restarted"))
 
     async def next_batch(self) -> list[Delivery]:
-        backoff_s = RETRY_INITIAL_S
+        delays = backoff_delays(RETRY_INITIAL_S, STREAM_RETRY_MAX_S)
         while True:
             if self._ended is not None:
-                raise StreamBroken(self._ended)
+                raise self._ended
             call = self._call
             try:
                 response = await call.read()
@@ -230,30 +361,45 @@ class PubSubSubscription(Subscription):
                 task = asyncio.current_task()
                 if (task is not None and task.cancelling()) or self._ended is None:
                     raise
-                raise StreamBroken(self._ended) from None  # restart_stream or close ended it
+                raise self._ended from None  # restart_stream or close ended it
             except grpc.aio.AioRpcError as exc:
                 if call is not self._call:  # replaced meanwhile (restart, reopen)
                     continue
-                if exc.code() not in _RETRYABLE:
-                    self._stop_stream(f"stream ended: {exc.code().name} {exc.details()}")
+                code = exc.code()
+                if code not in _RETRYABLE:
+                    self._stop_stream(
+                        StreamBroken(
+                            f"stream ended: {code.name} {exc.details()}",
+                            code=code.name,
+                            permanent=True,
+                            fix=describe_refusal(
+                                code.name,
+                                "pubsub.subscriptions.consume (roles/pubsub.subscriber)",
+                                f"the subscription {self._path} or its topic",
+                            ),
+                        )
+                    )
                     continue
-                log.info("subscription stream reconnecting", extra={"code": exc.code().name})
+                log.info("subscription stream reconnecting", extra={"code": code.name})
                 self._stop_stream()
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, STREAM_RETRY_MAX_S)
+                await asyncio.sleep(next(delays))
                 if self._ended is None:
                     self._start_stream()
                 continue
             if response is grpc.aio.EOF:
                 if call is self._call:
                     self._stop_stream()
-                    self._start_stream()  # the server closed it cleanly: a new one
+                    await asyncio.sleep(next(delays))
+                    if self._ended is None:
+                        self._start_stream()  # the server closed it cleanly: a new one
                 continue
             received = response.received_messages
             if not received:
                 continue
+            delays = backoff_delays(RETRY_INITIAL_S, STREAM_RETRY_MAX_S)
             assert self._requests is not None
-            self._requests.put_nowait(_StreamingPullRequest(ack_ids=[m.ack_id for m in received]))
+            for chunk in ack_chunks([m.ack_id for m in received]):
+                self._requests.put_nowait(_StreamingPullRequest(ack_ids=chunk))
             return [
                 Delivery(
                     data=m.message.data,
@@ -261,103 +407,147 @@ class PubSubSubscription(Subscription):
                     message_id=m.message.message_id,
                     publish_ms=m.message.publish_time.seconds * 1000
                     + m.message.publish_time.nanos // 1_000_000,
-                    ack=_noop,
                 )
                 for m in received
             ]
 
-    def _stop_stream(self, reason: str | None = None) -> None:
-        """Ends the current stream; with a reason, `next_batch` raises StreamBroken until
-        `open` starts a new one."""
-        if reason is not None:
-            self._ended = reason
+    def _stop_stream(self, ended: StreamBroken | None = None) -> None:
+        """Ends the current stream; with `ended`, `next_batch` raises it until `open` starts a
+        new one. Acks that may not have reached the service go again, unary."""
+        if ended is not None:
+            self._ended = ended
         call, self._call = self._call, None
         heartbeat, self._heartbeat = self._heartbeat, None
         requests, self._requests = self._requests, None
         if heartbeat is not None:
             heartbeat.cancel()
+        unsent: list[str] = []
         if requests is not None:
+            while not requests.empty():
+                request = requests.get_nowait()
+                if request is not None:
+                    unsent.extend(request.ack_ids)
             requests.put_nowait(None)
+        horizon = time.monotonic() - ACK_RESEND_WINDOW_S
+        for written_at, ack_ids in self._written_acks:
+            if written_at >= horizon:
+                unsent.extend(ack_ids)
+        self._written_acks.clear()
         if call is not None:
             call.cancel()
+        if unsent:
+            self.acks_resent += len(unsent)
+            task = asyncio.get_running_loop().create_task(self._acknowledge(unsent))
+            self._ack_tasks.add(task)
+            task.add_done_callback(self._ack_tasks.discard)
+
+    async def _acknowledge(self, ack_ids: list[str]) -> None:
+        """Unary Acknowledge with the client's retry policy, chunked inside the limits."""
+        for chunk in ack_chunks(ack_ids):
+            try:
+                await self._client.acknowledge(
+                    subscription=self._path,
+                    ack_ids=chunk,
+                    retry=_ADMIN_RETRY,
+                    timeout=ACK_DEADLINE_S,
+                )
+            except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+                # Past the ack deadline the messages come again; history drops the duplicates.
+                log.warning(
+                    "acknowledge failed; the messages will be redelivered",
+                    extra={"subscription": self._path, "ack_ids": len(chunk), "error": str(exc)},
+                )
 
     async def exists(self) -> bool:
+        if self._client is None:
+            self._client = await self._get_client()
         try:
-            await _blocking(
-                lambda: self._admin.get_subscription(
-                    request={"subscription": self._path}, timeout=ADMIN_TIMEOUT_S
-                )
+            await self._client.get_subscription(
+                subscription=self._path, retry=_ADMIN_RETRY, timeout=ADMIN_TIMEOUT_S
             )
         except gexc.NotFound:
             return False
         return True
 
     async def close(self, *, delete: bool) -> None:
-        self._stop_stream("closed")
-        if delete:
+        self._stop_stream(StreamBroken("closed"))
+        if self._ack_tasks:
+            await asyncio.gather(*self._ack_tasks, return_exceptions=True)
+        if delete and self._client is not None:
             try:
-                await _blocking(
-                    lambda: self._admin.delete_subscription(
-                        request={"subscription": self._path}, timeout=ADMIN_TIMEOUT_S
-                    )
+                await self._client.delete_subscription(
+                    subscription=self._path, retry=_ADMIN_RETRY, timeout=ADMIN_TIMEOUT_S
                 )
                 log.info("subscription deleted", extra={"subscription": self._path})
             except gexc.NotFound:
                 pass
-            except _TRANSIENT:
+            except (gexc.GoogleAPICallError, gexc.RetryError):
                 log.warning(
                     "could not delete subscription; it expires after a day unused",
                     extra={"subscription": self._path},
                     exc_info=True,
                 )
-        await _blocking(self._admin.close)
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            await channel.close()
 
 
 class PubSubBroker(Broker):
-    """Publishes through `OrderedPublisher` on a grpc.aio channel (no client threads, see
-    ordered_publisher.py); subscribes with the client library's streaming pull."""
+    """Publishes through `OrderedPublisher` on the publisher client's channel; subscriptions
+    read with StreamingPull (`PubSubSubscription`)."""
 
     def __init__(
-        self, project: str, topic: str, publish_timeout_s: float, batch_latency_s: float
+        self,
+        project: str,
+        topic: str,
+        publish_timeout_s: float,
+        batch_latency_s: float,
+        api_endpoint: str = "",
+        key_max_messages: int = 10_000,
+        key_max_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self._project = project
         self._topic_path = f"projects/{project}/topics/{topic}"
         self._timeout_s = publish_timeout_s
         self._batch_latency_s = batch_latency_s
-        self._channel: grpc.aio.Channel | None = None
+        self._endpoint = api_endpoint
+        self._key_max_messages = key_max_messages
+        self._key_max_bytes = key_max_bytes
+        self._publisher_client: PublisherAsyncClient | None = None
+        self._subscriber_client: SubscriberAsyncClient | None = None
         self._publish_rpc: Any = None
-        self._get_topic_rpc: Any = None
         self._publisher: OrderedPublisher | None = None
-        # Google's routing header, as the generated client sends it.
-        self._metadata = (("x-goog-request-params", f"topic={quote(self._topic_path, safe='')}"),)
+        self._metadata = _metadata(f"topic={_quote(self._topic_path)}", PUBLISHER_CLIENT_INFO)
+        self._last_probe_error: str | None = None
+
+    @property
+    def publisher(self) -> OrderedPublisher | None:
+        return self._publisher
 
     async def start(self) -> None:
-        self._channel = _channel(PublisherGrpcAsyncIOTransport)
-        self._publish_rpc = self._channel.unary_unary(
+        client = self._publisher_client = await publisher_client(self._endpoint)
+        self._publish_rpc = client.transport.grpc_channel.unary_unary(
             "/google.pubsub.v1.Publisher/Publish",
             request_serializer=_PublishRequest.SerializeToString,
             response_deserializer=_PublishResponse.FromString,
         )
-        self._get_topic_rpc = self._channel.unary_unary(
-            "/google.pubsub.v1.Publisher/GetTopic",
-            request_serializer=_GetTopicRequest.SerializeToString,
-            response_deserializer=_Topic.FromString,
+        self._publisher = OrderedPublisher(
+            self._send,
+            self._timeout_s,
+            self._batch_latency_s,
+            key_max_messages=self._key_max_messages,
+            key_max_bytes=self._key_max_bytes,
         )
-        self._publisher = OrderedPublisher(self._send, self._timeout_s, self._batch_latency_s)
 
     async def close(self) -> None:
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             await publisher.close()
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            await channel.close()
+        for client in (self._publisher_client, self._subscriber_client):
+            if client is not None:
+                await client.transport.close()
+        self._publisher_client = self._subscriber_client = None
 
     async def _send(self, batch: Sequence[Pending], deadline: float) -> Sequence[str]:
-        """One Publish request, retried on transient errors until `deadline` (loop time)."""
+        """One Publish request (one ordering key), retried with jittered backoff on transient
+        errors until `deadline` (loop time)."""
         request = _PublishRequest(
             topic=self._topic_path,
             messages=[
@@ -368,7 +558,7 @@ class PubSubBroker(Broker):
             ],
         )
         loop = asyncio.get_running_loop()
-        delay = RETRY_INITIAL_S
+        delays = backoff_delays(RETRY_INITIAL_S, RETRY_MAX_S)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -378,40 +568,84 @@ class PubSubBroker(Broker):
                     request, timeout=remaining, metadata=self._metadata
                 )
             except grpc.aio.AioRpcError as exc:
+                delay = next(delays)
                 if exc.code() not in _RETRYABLE or deadline - loop.time() <= delay:
+                    if exc.code() not in _RETRYABLE:
+                        self._log_refusal(exc.code().name, exc.details() or "", "publish")
                     raise
                 log.warning("publish retried", extra={"code": exc.code().name})
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            return response.message_ids
+            return list(response.message_ids)
+
+    def _log_refusal(self, code: str, details: str, call: str) -> None:
+        need = "pubsub.topics.publish (roles/pubsub.publisher on the topic)"
+        if call == "probe":
+            need = "pubsub.topics.get (roles/pubsub.viewer on the topic)"
+        log.error(
+            f"Pub/Sub refused {call}: {code}",
+            extra={
+                "code": code,
+                "details": details,
+                "topic": self._topic_path,
+                "fix": describe_refusal(code, need, f"the topic {self._topic_path}"),
+            },
+        )
 
     async def publish(self, message: OutgoingMessage) -> None:
+        await self.publish_many([message])
+
+    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
         publisher = self._publisher
         if publisher is None:
             raise BrokerUnavailable("publisher not started")
         try:
-            pending = publisher.publish(message.data, message.attributes, message.ordering_key)
-            await asyncio.wait_for(pending.future, self._timeout_s)
+            pendings = publisher.publish_all(
+                [(m.data, m.attributes, m.ordering_key) for m in messages]
+            )
+        except KeyBacklogFull as exc:
+            raise BrokerBusy(str(exc)) from exc
+        except PublishFailed as exc:
+            raise BrokerUnavailable(f"Pub/Sub refused the publish: {exc}") from exc
+        try:
+            if len(pendings) == 1:
+                await asyncio.wait_for(pendings[0].future, self._timeout_s)
+            else:
+                await asyncio.wait_for(
+                    asyncio.gather(*(p.future for p in pendings)), self._timeout_s
+                )
         except TimeoutError as exc:
             raise BrokerUnavailable("Pub/Sub did not confirm the publish in time") from exc
         except PublishFailed as exc:
             raise BrokerUnavailable(f"Pub/Sub refused the publish: {exc}") from exc
 
     async def probe(self) -> bool:
-        rpc = self._get_topic_rpc
-        if rpc is None:
+        """GetTopic: up only when it answers. Authentication, permission and not-found errors
+        are down too (a Workload Identity mistake or a missing topic must not look healthy),
+        logged once per change with what to fix."""
+        client = self._publisher_client
+        if client is None:
             return False
         try:
-            await rpc(
-                _GetTopicRequest(topic=self._topic_path),
-                timeout=PROBE_TIMEOUT_S,
-                metadata=self._metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            # The service answered; what it said is for the publish to report.
-            return exc.code() in _ANSWERED
+            await client.get_topic(topic=self._topic_path, retry=None, timeout=PROBE_TIMEOUT_S)
+        except gexc.GoogleAPICallError as exc:
+            code = exc.grpc_status_code.name if exc.grpc_status_code else type(exc).__name__
+            if code != self._last_probe_error:
+                self._last_probe_error = code
+                if exc.grpc_status_code in _RETRYABLE:
+                    log.warning("Pub/Sub does not answer", extra={"code": code})
+                else:
+                    self._log_refusal(code, exc.message, "probe")
+            return False
+        if self._last_probe_error is not None:
+            log.info("Pub/Sub answers again", extra={"was": self._last_probe_error})
+            self._last_probe_error = None
         return True
 
+    async def _subscriber(self) -> SubscriberAsyncClient:
+        if self._subscriber_client is None:
+            self._subscriber_client = await subscriber_client(self._endpoint)
+        return self._subscriber_client
+
     def subscription(self, name: str, labels: Mapping[str, str]) -> Subscription:
-        return PubSubSubscription(self._project, self._topic_path, name, labels)
+        return PubSubSubscription(self._subscriber, self._project, self._topic_path, name, labels)

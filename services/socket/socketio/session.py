@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from services.core.auth import Claims, InvalidToken, verify_token
-from services.core.broker import BrokerUnavailable, OutgoingMessage
+from services.core.broker import BrokerBusy, BrokerUnavailable, OutgoingMessage
 from services.core.channels import is_valid_channel
 from services.core.closecodes import CloseCode
 from services.core.envelope import Envelope, dumps
@@ -438,6 +438,18 @@ class SioSession(EngineSession):
         message = OutgoingMessage(envelope.encode(), envelope.channel, envelope.attributes())
         try:
             await server.broker.publish(message)
+        except BrokerBusy:
+            server.publishes.labels("busy").inc()
+            self._ack(
+                ack_id,
+                _error(
+                    "busy",
+                    "the room's backlog for Pub/Sub is full; nothing was published: retry later",
+                    id=envelope.id,
+                    room=envelope.channel,
+                ),
+            )
+            return
         except Exception as exc:
             if not isinstance(exc, BrokerUnavailable):
                 log.error("socket.io publish failed unexpectedly", exc_info=exc)

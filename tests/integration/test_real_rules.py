@@ -1,0 +1,253 @@
+"""pubsock on the real service's rules (the strict stand-in): publishing one ordering key per
+request, warm start by seek and what happens when it fails, readiness under steady traffic,
+a full channel backlog, and credentials that are refused reported as the broker being down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from devtools.cluster import LocalCluster, Service, free_port
+from tests.support import WsClient
+
+
+async def metric(url: str, name: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.split()[-1])
+    return total
+
+
+async def publish_all(api: httpx.AsyncClient, channel: str, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        response = await api.post(f"/v1/channels/{channel}/messages", json={"data": n})
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def log_records(service: Service) -> list[dict]:
+    records = []
+    for line in service.process.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+async def wait_for_log(service: Service, predicate, timeout_s: float = 30) -> dict:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            for record in log_records(service):
+                if predicate(record):
+                    return record
+            await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+def new_pod(cluster: LocalCluster) -> Iterator:
+    started: list[Service] = []
+
+    def start(name: str, **env: str) -> Service:
+        pod = cluster.new_socket(f"{name}-{len(started)}", free_port(), **env)
+        started.append(pod)
+        pod.start()
+        return pod
+
+    yield start
+    for pod in started:
+        pod.process.stop()
+
+
+async def test_batches_across_channels_and_concurrent_publishes_are_accepted(cluster, api, channel):
+    """The real service refuses a Publish mixing ordering keys: none of these may reach it."""
+    assert cluster.strict is not None
+    refused_before = cluster.strict.state()["refused"].get("publish", 0)
+    channels = [f"{channel}-{n}" for n in range(5)]
+    batch = await api.post(
+        "/v1/messages", json={"messages": [{"channel": c, "data": c} for c in channels * 2]}
+    )
+    assert batch.status_code == 202, batch.text
+    answers = await asyncio.gather(
+        *(
+            api.post(f"/v1/channels/{channel}-c{n % 20}/messages", json={"data": n})
+            for n in range(200)
+        )
+    )
+    assert [a.status_code for a in answers] == [202] * 200
+    assert cluster.strict.state()["refused"].get("publish", 0) == refused_before
+
+
+async def test_a_new_pod_is_warm_by_seek(cluster, api, channel, new_pod):
+    """The stand-in replays nothing to a new subscription: only the seek fills the history."""
+    before_ms = int(time.time() * 1000) - 100
+    ids = await publish_all(api, channel, 30)
+    pod = new_pod("warm")
+    live = await WsClient.connect(pod.ws_url)
+    await live.subscribe(channel)
+    by_id = await WsClient.connect(pod.ws_url)
+    frame = await by_id.subscribe(channel, since=ids[4])
+    assert frame["recovered"] is True
+    assert [f["id"] for f in await by_id.messages(25)] == ids[5:]
+    by_time = await WsClient.connect(pod.ws_url)
+    frame = await by_time.subscribe(channel, since=f"@{before_ms}")
+    assert frame["recovered"] is True
+    assert [f["id"] for f in await by_time.messages(30)] == ids
+    await live.assert_quiet(0.5)  # the replay is history, never live
+
+
+async def test_a_new_pod_whose_seek_fails_says_recovered_false(cluster, api, channel, new_pod):
+    """No seek, no history before the subscription: never `recovered: true` across the gap."""
+    assert cluster.strict is not None
+    before_ms = int(time.time() * 1000) - 100
+    ids = await publish_all(api, channel, 30)
+    cluster.strict.control("seek-fails", on=1)
+    try:
+        pod = new_pod("cold")
+    finally:
+        cluster.strict.control("seek-fails", on=0)
+    for since in (ids[4], f"@{before_ms}"):
+        client = await WsClient.connect(pod.ws_url)
+        frame = await client.subscribe(channel, since=since)
+        assert frame["recovered"] is False, since
+        await client.close()
+    client = await WsClient.connect(pod.ws_url)
+    await client.subscribe(channel)
+    after = await publish_all(api, channel, 1)
+    assert [f["id"] for f in await client.messages(1)] == after
+
+
+async def test_steady_traffic_does_not_hold_a_new_pod_back(cluster, api, channel, new_pod):
+    """Live messages are not backlog: a pod started under 20 messages/s turns ready once the
+    seek's backlog is quiet, not at WARM_START_TIMEOUT_S."""
+    stop = asyncio.Event()
+
+    async def steady() -> None:
+        n = 0
+        while not stop.is_set():
+            await api.post(f"/v1/channels/{channel}/messages", json={"data": n})
+            n += 1
+            await asyncio.sleep(0.05)
+
+    publisher = asyncio.create_task(steady())
+    try:
+        pod = await asyncio.to_thread(new_pod, "steady", WARM_START_TIMEOUT_S="120")
+        record = await wait_for_log(pod, lambda r: r.get("message") == "warm start done")
+        assert record["backlog_over"] is True
+    finally:
+        stop.set()
+        await publisher
+    assert pod.process.running
+
+
+@pytest.fixture
+def own_api(cluster: LocalCluster) -> Iterator:
+    started: list[Service] = []
+
+    def start(name: str, account: str = "default", wait: bool = True, **env: str) -> Service:
+        assert cluster.strict is not None
+        port = free_port()
+        service = Service(
+            name,
+            "services.api",
+            port,
+            {
+                **cluster.api.env,
+                **cluster.strict.env(account),
+                "PORT": str(port),
+                "BROKER_PROBE_INTERVAL_S": "0.5",
+                **env,
+            },
+            cluster.work_dir,
+        )
+        started.append(service)
+        service.start(wait_ready=wait)
+        return service
+
+    yield start
+    for service in started:
+        service.process.stop()
+
+
+async def test_a_full_channel_backlog_answers_429_and_publishes_nothing(cluster, own_api, channel):
+    assert cluster.strict is not None
+    api = own_api("api-small-backlog", PUBLISH_KEY_MAX_MESSAGES="2", PUBLISH_TIMEOUT_S="6")
+    watcher = await WsClient.connect(cluster.sockets[0].ws_url)
+    await watcher.subscribe(channel)
+    async with httpx.AsyncClient(base_url=api.url, timeout=15) as client:
+        cluster.strict.control("unavailable", seconds=3)
+        waiting = [
+            asyncio.create_task(
+                client.post(f"/v1/channels/{channel}/messages", json={"data": n, "id": f"w{n}"})
+            )
+            for n in range(2)
+        ]
+        async with asyncio.timeout(10):  # both are queued for the channel before the third
+            while await metric(api.url, "pubsock_publishes_in_flight") < 2:
+                await asyncio.sleep(0.05)
+        full = await client.post(f"/v1/channels/{channel}/messages", json={"data": 9, "id": "x"})
+        assert full.status_code == 429
+        assert full.headers["retry-after"] and full.json()["id"] == "x"
+        other = await client.post(f"/v1/channels/{channel}-other/messages", json={"data": 1})
+        assert [r.status_code for r in await asyncio.gather(*waiting)] == [202, 202]
+        assert other.status_code == 202  # other channels are not held back
+        after = await client.post(f"/v1/channels/{channel}/messages", json={"data": 3})
+        assert after.status_code == 202
+    delivered = [f["id"] for f in await watcher.messages(3, timeout=30)]
+    assert sorted(delivered[:2]) == ["w0", "w1"] and delivered[2] == after.json()["id"]  # no "x"
+
+
+@pytest.mark.parametrize(
+    ("account", "said"),
+    [("nobody", "UNAUTHENTICATED"), ("publisher-only", "pubsub.topics.get")],
+)
+async def test_refused_credentials_show_the_broker_down_and_say_why(
+    own_api, channel, account, said
+):
+    api = own_api(f"api-{account}", account=account)
+    async with asyncio.timeout(20):
+        while await metric(api.url, "pubsock_broker_up") != 0.0:
+            await asyncio.sleep(0.1)
+    record = await wait_for_log(api, lambda r: r.get("severity") == "ERROR")
+    assert said in json.dumps(record)
+    if account == "publisher-only":  # may publish; only the probe's GetTopic is refused
+        async with httpx.AsyncClient(base_url=api.url, timeout=15) as client:
+            answer = await client.post(f"/v1/channels/{channel}/messages", json={"data": 1})
+        assert answer.status_code == 202
+
+
+async def test_a_pod_refused_by_pubsub_backs_off_and_says_what_to_fix(cluster):
+    assert cluster.strict is not None
+    pod = cluster.new_socket("refused-pod", free_port(), **cluster.strict.env("denied"))
+    pod.start(wait_ready=False)
+    try:
+        async with asyncio.timeout(30):
+            while await _safe_metric(pod.url, "pubsock_broker_refusals_total") < 3:
+                await asyncio.sleep(0.2)
+        record = await wait_for_log(pod, lambda r: r.get("severity") == "ERROR")
+        assert (
+            "PERMISSION_DENIED" in record["message"]
+            and "pubsub.subscriptions.create" in record["message"]
+        )
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{pod.url}/readyz")).status_code == 503
+    finally:
+        pod.process.stop()
+
+
+async def _safe_metric(url: str, name: str) -> float:
+    try:
+        return await metric(url, name)
+    except httpx.HTTPError:
+        return 0.0

@@ -1,0 +1,328 @@
+"""The strict stand-in refuses what the real Pub/Sub refuses, and the emulator does not.
+
+Each rule is shown twice where it can be: refused by the stand-in, and (in the pinned test at
+the end) accepted by the emulator itself, so a new emulator version that changes is noticed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.pubsub_v1.types import pubsub as pubsub_types
+
+from devtools.cluster import PROJECT, TOPIC, LocalCluster, StrictPubSub
+
+PUB = "/google.pubsub.v1.Publisher/"
+SUB = "/google.pubsub.v1.Subscriber/"
+TOPIC_PATH = f"projects/{PROJECT}/topics/{TOPIC}"
+PublishRequest: Any = pubsub_types.PublishRequest.pb()
+PublishResponse: Any = pubsub_types.PublishResponse.pb()
+PubsubMessage: Any = pubsub_types.PubsubMessage.pb()
+Subscription: Any = pubsub_types.Subscription.pb()
+SeekRequest: Any = pubsub_types.SeekRequest.pb()
+SeekResponse: Any = pubsub_types.SeekResponse.pb()
+AcknowledgeRequest: Any = pubsub_types.AcknowledgeRequest.pb()
+ModifyAckDeadlineRequest: Any = pubsub_types.ModifyAckDeadlineRequest.pb()
+StreamingPullRequest: Any = pubsub_types.StreamingPullRequest.pb()
+StreamingPullResponse: Any = pubsub_types.StreamingPullResponse.pb()
+DeleteSubscriptionRequest: Any = pubsub_types.DeleteSubscriptionRequest.pb()
+_names = iter(range(1, 10**6))
+_created: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def strict(cluster: LocalCluster) -> StrictPubSub:
+    assert cluster.strict is not None, "the integration suite runs on the strict stand-in"
+    return cluster.strict
+
+
+def token(strict: StrictPubSub, account: str = "default") -> str:
+    prefix = "" if account == "default" else f"/as/{account}"
+    response = httpx.get(
+        f"{strict.admin_url}{prefix}/computeMetadata/v1/instance/service-accounts/default/token",
+        headers={"Metadata-Flavor": "Google"},
+    )
+    return str(response.json()["access_token"])
+
+
+@pytest.fixture
+async def channel_to(strict: StrictPubSub) -> AsyncIterator[Any]:
+    """Opens TLS channels to the stand-in, with an account's token or none."""
+    opened: list[grpc.aio.Channel] = []
+
+    def open_channel(account: str | None = "default") -> grpc.aio.Channel:
+        ssl = grpc.ssl_channel_credentials((strict.dir / "tls" / "ca.pem").read_bytes())
+        credentials = ssl
+        if account is not None:
+            credentials = grpc.composite_channel_credentials(
+                ssl, grpc.access_token_call_credentials(token(strict, account))
+            )
+        channel = grpc.aio.secure_channel(f"127.0.0.1:{strict.port}", credentials)
+        opened.append(channel)
+        return channel
+
+    yield open_channel
+    for channel in opened:
+        await channel.close()
+
+
+def unary(channel: grpc.aio.Channel, method: str, response: Any) -> Any:
+    return channel.unary_unary(
+        method,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=response.FromString,
+    )
+
+
+async def publish(channel: grpc.aio.Channel, *messages: Any) -> list[str]:
+    answer = await unary(channel, PUB + "Publish", PublishResponse)(
+        PublishRequest(topic=TOPIC_PATH, messages=list(messages)), timeout=10
+    )
+    return list(answer.message_ids)
+
+
+def message(data: bytes = b"x", key: str = "k", **attributes: str) -> Any:
+    return PubsubMessage(data=data, ordering_key=key, attributes=attributes)
+
+
+async def create_subscription(channel: grpc.aio.Channel) -> str:
+    name = f"projects/{PROJECT}/subscriptions/strict-test-{next(_names)}-{time.time_ns()}"
+    await unary(channel, SUB + "CreateSubscription", Subscription)(
+        Subscription(name=name, topic=TOPIC_PATH, enable_message_ordering=True), timeout=10
+    )
+    _created.append(name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+async def delete_test_subscriptions(cluster: LocalCluster) -> AsyncIterator[None]:
+    """Subscriptions left behind would slow the emulator down for every later test."""
+    yield
+    async with grpc.aio.insecure_channel(cluster.emulator.host) as channel:
+        while _created:
+            name = _created.pop()
+            try:
+                await unary(channel, SUB + "DeleteSubscription", SeekResponse)(
+                    DeleteSubscriptionRequest(subscription=name), timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+
+
+class Puller:
+    """A StreamingPull call: messages as they come; acks on the stream."""
+
+    def __init__(self, channel: grpc.aio.Channel, subscription: str) -> None:
+        self.requests: asyncio.Queue[Any] = asyncio.Queue()
+        self.requests.put_nowait(
+            StreamingPullRequest(subscription=subscription, stream_ack_deadline_seconds=60)
+        )
+        self.call = channel.stream_stream(
+            SUB + "StreamingPull",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=StreamingPullResponse.FromString,
+        )(self._requests())
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def take(self, count: int, key: str, timeout_s: float = 20) -> list[bytes]:
+        """The next `count` messages of ordering key `key` (the topic is shared)."""
+        got: list[bytes] = []
+        async with asyncio.timeout(timeout_s):
+            while len(got) < count:
+                response = await self.call.read()
+                assert response is not grpc.aio.EOF
+                got.extend(
+                    m.message.data
+                    for m in response.received_messages
+                    if m.message.ordering_key == key
+                )
+                self.requests.put_nowait(
+                    StreamingPullRequest(ack_ids=[m.ack_id for m in response.received_messages])
+                )
+        return got
+
+    def close(self) -> None:
+        self.requests.put_nowait(None)
+        self.call.cancel()
+
+
+REFUSED_PUBLISHES = {
+    "mixed ordering keys": (
+        [message(key="a"), message(key="b")],
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ),
+    "1,001 messages": (
+        [message(str(n).encode()) for n in range(1001)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "over 10 MB": (
+        [message(b"x" * 1_000_000) for _ in range(11)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "an ordering key over 1,024 bytes": (
+        [message(key="k" * 1025)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "101 attributes": (
+        [message(**{f"a{n}": "v" for n in range(101)})],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "an attribute key over 256 bytes": (
+        [message(**{"k" * 257: "v"})],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "an attribute value over 1,024 bytes": (
+        [message(a="v" * 1025)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_PUBLISHES))
+async def test_a_publish_the_service_refuses_is_refused(channel_to, case: str) -> None:
+    messages, code = REFUSED_PUBLISHES[case]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await publish(channel_to(), *messages)
+    assert refused.value.code() == code
+
+
+async def test_the_largest_publish_the_service_takes_is_taken(channel_to) -> None:
+    channel = channel_to()
+    ids = await publish(channel, *(message(b"m", key="one-key") for _ in range(1000)))
+    assert len(ids) == 1000
+    assert len(await publish(channel, message(b"x" * 1_000_000, key="k" * 1024))) == 1
+
+
+async def test_acks_over_512_kb_are_refused_unary_and_on_the_stream(channel_to) -> None:
+    channel = channel_to()
+    subscription = await create_subscription(channel)
+    big = [f"{n:05d}" + "a" * 300 for n in range(2000)]  # about 610 KB of ack ids
+    for method, request, answer in (
+        ("Acknowledge", AcknowledgeRequest(subscription=subscription, ack_ids=big), SeekResponse),
+        (
+            "ModifyAckDeadline",
+            ModifyAckDeadlineRequest(
+                subscription=subscription, ack_ids=big, ack_deadline_seconds=0
+            ),
+            SeekResponse,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary(channel, SUB + method, answer)(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    puller = Puller(channel, subscription)
+    puller.requests.put_nowait(StreamingPullRequest(ack_ids=big))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async with asyncio.timeout(10):
+            while await puller.call.read() is not grpc.aio.EOF:
+                pass
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    puller.close()
+
+
+@pytest.mark.parametrize(
+    ("account", "code"),
+    [
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        ("nobody", grpc.StatusCode.UNAUTHENTICATED),
+        ("denied", grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+async def test_calls_need_a_token_of_an_account_with_the_permission(channel_to, account, code):
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await publish(channel_to(account), message())
+    assert refused.value.code() == code
+
+
+async def test_a_new_subscription_sees_only_messages_published_after_it(channel_to) -> None:
+    channel = channel_to()
+    key = f"new-sub-{time.time_ns()}"
+    await publish(channel, message(b"before", key=key))
+    subscription = await create_subscription(channel)
+    await publish(channel, message(b"after", key=key))
+    puller = Puller(channel, subscription)
+    assert await puller.take(1, key) == [b"after"]  # per-key order: "before" would have come first
+    puller.close()
+
+
+async def test_seek_to_a_time_replays_the_retained_messages_first(channel_to) -> None:
+    channel = channel_to()
+    key = f"seek-{time.time_ns()}"
+    since = time.time()
+    await publish(channel, message(b"one", key=key))
+    await publish(channel, message(b"two", key=key))
+    subscription = await create_subscription(channel)
+    seconds = int(since)
+    await unary(channel, SUB + "Seek", SeekResponse)(
+        SeekRequest(
+            subscription=subscription,
+            time={"seconds": seconds, "nanos": int((since - seconds) * 1e9)},
+        ),
+        timeout=10,
+    )
+    await publish(channel, message(b"three", key=key))
+    puller = Puller(channel, subscription)
+    got = await puller.take(3, key)
+    assert got == [b"one", b"two", b"three"]
+    puller.close()
+
+
+async def test_seeks_fail_on_command(strict: StrictPubSub, channel_to) -> None:
+    channel = channel_to()
+    subscription = await create_subscription(channel)
+    strict.control("seek-fails", on=1)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary(channel, SUB + "Seek", SeekResponse)(
+                SeekRequest(subscription=subscription, time={"seconds": int(time.time()) - 60}),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        strict.control("seek-fails", on=0)
+
+
+async def test_the_server_closes_streams_with_unavailable(strict: StrictPubSub, channel_to):
+    channel = channel_to()
+    puller = Puller(channel, await create_subscription(channel))
+    key = f"close-{time.time_ns()}"
+    await publish(channel, message(b"first", key=key))
+    assert await puller.take(1, key) == [b"first"]  # the stream is up
+    strict.control("close-streams")
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async with asyncio.timeout(10):
+            while await puller.call.read() is not grpc.aio.EOF:
+                pass  # what was already on its way
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    puller.close()
+
+
+async def test_the_emulator_itself_is_lenient(cluster: LocalCluster) -> None:
+    """Pins what the emulator does, so a version that changes is noticed: it takes mixed
+    ordering keys, answers Seek to a time with UNIMPLEMENTED (501), and replays a retained
+    topic's messages to a new subscription."""
+    async with grpc.aio.insecure_channel(cluster.emulator.host) as channel:
+        key = f"lenient-{time.time_ns()}"
+        await publish(channel, message(b"old", key=key))
+        assert len(await publish(channel, message(key="a"), message(key="b"))) == 2
+        name = await create_subscription(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary(channel, SUB + "Seek", SeekResponse)(
+                SeekRequest(subscription=name, time={"seconds": int(time.time()) - 60}),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        puller = Puller(channel, name)
+        got: list[bytes] = []
+        async with asyncio.timeout(20):
+            while b"old" not in got:
+                got += await puller.take(1, key)
+        puller.close()
