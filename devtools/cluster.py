@@ -181,20 +181,19 @@ class Emulator:
     def stop(self) -> None:
         self.process.stop(10)
 
-    def create_topic(self, topic: str = TOPIC, retention_s: int = TOPIC_RETENTION_S) -> None:
-        """Creates the topic as `make run` and `make deploy` do: with message retention."""
+    def create_topic(self, topic: str = TOPIC, retention_s: int | None = TOPIC_RETENTION_S) -> None:
+        """Creates the topic as `make run` and `make deploy` do: with message retention
+        (None: without)."""
         with emulator_env(self.host):
             from google.api_core.exceptions import AlreadyExists
             from google.cloud import pubsub_v1
 
             client = pubsub_v1.PublisherClient()
             with contextlib.suppress(AlreadyExists):
-                client.create_topic(
-                    request={
-                        "name": f"projects/{PROJECT}/topics/{topic}",
-                        "message_retention_duration": {"seconds": retention_s},
-                    }
-                )
+                request: dict[str, object] = {"name": f"projects/{PROJECT}/topics/{topic}"}
+                if retention_s is not None:
+                    request["message_retention_duration"] = {"seconds": retention_s}
+                client.create_topic(request=request)
             client.stop()
 
 

@@ -145,15 +145,20 @@ else
 fi
 
 note "IAM bindings"
-# api: publish only.
+# api: publish, and read the topic (its broker probe calls GetTopic: pubsub.topics.get).
 run gcloud pubsub topics add-iam-policy-binding "$TOPIC" \
   --member="serviceAccount:$API_GSA" --role=roles/pubsub.publisher "${gc[@]}"
+run gcloud pubsub topics add-iam-policy-binding "$TOPIC" \
+  --member="serviceAccount:$API_GSA" --role=roles/pubsub.viewer "${gc[@]}"
 # socket: subscribe (incl. attachSubscription) and publish (presence announcements) on the topic,
 # subscription lifecycle at project level (subscriptions are project resources created at start).
 run gcloud pubsub topics add-iam-policy-binding "$TOPIC" \
   --member="serviceAccount:$SOCKET_GSA" --role=roles/pubsub.subscriber "${gc[@]}"
 run gcloud pubsub topics add-iam-policy-binding "$TOPIC" \
   --member="serviceAccount:$SOCKET_GSA" --role=roles/pubsub.publisher "${gc[@]}"
+# socket: read the topic's retention before seeking a new subscription back (pubsub.topics.get).
+run gcloud pubsub topics add-iam-policy-binding "$TOPIC" \
+  --member="serviceAccount:$SOCKET_GSA" --role=roles/pubsub.viewer "${gc[@]}"
 run gcloud projects add-iam-policy-binding "$PROJECT_ID" \
   --member="serviceAccount:$SOCKET_GSA" --role="projects/$PROJECT_ID/roles/$CUSTOM_ROLE" \
   --condition=None "${gc[@]}"
@@ -225,6 +230,7 @@ write_params() {
 NAMESPACE=$NAMESPACE
 PROJECT_ID=$PROJECT_ID
 REGION=$REGION
+PUBSUB_API_ENDPOINT=$REGION-pubsub.googleapis.com:443
 DOMAIN=$DOMAIN
 ALLOWED_ORIGINS=$ALLOWED_ORIGINS
 TOPIC=$TOPIC

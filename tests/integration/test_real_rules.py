@@ -128,6 +128,19 @@ async def test_a_new_pod_whose_seek_fails_says_recovered_false(cluster, api, cha
     assert [f["id"] for f in await client.messages(1)] == after
 
 
+async def test_no_warm_start_from_a_topic_without_retention(cluster, new_pod):
+    """A seek before what the topic retains succeeds and replays nothing: a pod must not take it
+    as history, whatever TOPIC_RETENTION_S says."""
+    topic = f"no-retention-{time.time_ns()}"
+    await asyncio.to_thread(cluster.emulator.create_topic, topic, None)
+    before_ms = int(time.time() * 1000) - 100
+    pod = new_pod("unretained", PUBSUB_TOPIC=topic, TOPIC_RETENTION_S="3600")
+    await wait_for_log(pod, lambda r: "no warm start" in r.get("message", ""))
+    client = await WsClient.connect(pod.ws_url)
+    frame = await client.subscribe("room:unretained", since=f"@{before_ms}")
+    assert frame["recovered"] is False
+
+
 async def test_steady_traffic_does_not_hold_a_new_pod_back(cluster, api, channel, new_pod):
     """Live messages are not backlog: a pod started under 20 messages/s turns ready once the
     seek's backlog is quiet, not at WARM_START_TIMEOUT_S."""
@@ -251,3 +264,32 @@ async def _safe_metric(url: str, name: str) -> float:
         return await metric(url, name)
     except httpx.HTTPError:
         return 0.0
+
+
+async def test_a_pod_exits_within_its_bound_with_pubsub_gone(cluster):
+    """SIGTERM while every Pub/Sub call fails: the drain's cleanup (stop the stream, delete the
+    subscription, re-send acks) is cut at SHUTDOWN_CLEANUP_S and the process exits 0 within
+    DRAIN_DELAY_S + DRAIN_CLOSE_WINDOW_S + CLOSE_TIMEOUT_S + SHUTDOWN_CLEANUP_S."""
+    assert cluster.strict is not None
+    bound_s = 0 + 1 + 1 + 3
+    pod = cluster.new_socket(
+        "exiting-pod",
+        free_port(),
+        DRAIN_DELAY_S="0",
+        DRAIN_CLOSE_WINDOW_S="1",
+        CLOSE_TIMEOUT_S="1",
+        SHUTDOWN_CLEANUP_S="3",
+    )
+    pod.start()
+    client = await WsClient.connect(pod.ws_url)
+    await client.subscribe("room:exiting")
+    cluster.strict.control("unavailable", seconds=120)
+    try:
+        pod.process.signal(15)
+        # The bound plus the interpreter's own start-to-exit slack.
+        code = await asyncio.to_thread(pod.process.wait, bound_s + 3)
+        assert code == 0, pod.process.log_tail()
+        assert await client.wait_closed(5) == 1012
+    finally:
+        cluster.strict.control("unavailable", seconds=0)
+        pod.process.stop()

@@ -169,16 +169,19 @@ def test_topic_with_retention(dry_run):
 
 
 def test_pubsub_roles(dry_run):
-    """api: publisher on the topic. socket: subscriber + publisher on the topic, custom role."""
+    """api: publisher + viewer (its probe's GetTopic) on the topic. socket: subscriber +
+    publisher + viewer (the topic's retention) on the topic, custom role."""
     topic_binding = ("gcloud", "pubsub", "topics", "add-iam-policy-binding", "pubsock-messages")
     api = dry_run.find(*topic_binding, f"--member=serviceAccount:{API_GSA}")
-    assert [a for argv in api for a in argv if a.startswith("--role=")] == [
-        "--role=roles/pubsub.publisher"
+    assert sorted(a for argv in api for a in argv if a.startswith("--role=")) == [
+        "--role=roles/pubsub.publisher",
+        "--role=roles/pubsub.viewer",
     ]
     socket = dry_run.find(*topic_binding, f"--member=serviceAccount:{SOCKET_GSA}")
     assert sorted(a for argv in socket for a in argv if a.startswith("--role=")) == [
         "--role=roles/pubsub.publisher",
         "--role=roles/pubsub.subscriber",
+        "--role=roles/pubsub.viewer",
     ]
     (role,) = dry_run.find("gcloud", "iam", "roles", "create", "pubsockSubscriptionOwner")
     perms = next(a for a in role if a.startswith("--permissions=")).split("=", 1)[1]
@@ -280,3 +283,12 @@ def test_bad_input_fails_clearly(fake_bin, tmp_path, key, value):
     assert run.returncode != 0
     assert key in run.stderr
     assert run.commands == [] and run.shim_calls == []
+
+
+def test_both_services_use_the_regional_pubsub_endpoint(dry_run):
+    """Pub/Sub keeps ordering for publishers in one region: make deploy points both services at
+    its REGION's endpoint."""
+    for name in ("api", "socket"):
+        deployment = vm.one(dry_run.manifests, "Deployment", name)
+        endpoint = vm.settings(dry_run.manifests, deployment)["PUBSUB_API_ENDPOINT"]
+        assert endpoint == "europe-west4-pubsub.googleapis.com:443"

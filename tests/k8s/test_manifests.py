@@ -179,6 +179,7 @@ def test_custom_params_replace_everything(kubectl, tmp_path: Path):
     overlay = scratch / "overlays" / "gke"
     (overlay / "params.env").write_text(
         "NAMESPACE=rt-stg\nPROJECT_ID=acme-rt-1\nREGION=us-east4\nDOMAIN=rt.acme.dev\n"
+        "PUBSUB_API_ENDPOINT=us-east4-pubsub.googleapis.com:443\n"
         "ALLOWED_ORIGINS=https://rt.acme.dev,https://app.acme.dev\nTOPIC=rt-msgs\n"
         "IMAGE=us-east4-docker.pkg.dev/acme-rt-1/pubsock/pubsock:0123abc\n"
         "API_GSA=pubsock-api@acme-rt-1.iam.gserviceaccount.com\n"
@@ -194,6 +195,9 @@ def test_custom_params_replace_everything(kubectl, tmp_path: Path):
     assert get(objs, "Namespace", "rt-stg")
     cfg = vm.settings(objs, get(objs, "Deployment", "socket"))
     assert cfg["PUBSUB_TOPIC"] == "rt-msgs"
+    assert cfg["PUBSUB_API_ENDPOINT"] == "us-east4-pubsub.googleapis.com:443"  # regional
+    api_cfg = vm.settings(objs, get(objs, "Deployment", "api"))
+    assert api_cfg["PUBSUB_API_ENDPOINT"] == "us-east4-pubsub.googleapis.com:443"
     assert cfg["ALLOWED_ORIGINS"] == "https://rt.acme.dev,https://app.acme.dev"
     cert = get(objs, "ManagedCertificate", "pubsock")
     assert cert["spec"]["domains"] == ["rt.acme.dev"]

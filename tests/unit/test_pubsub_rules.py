@@ -51,7 +51,10 @@ async def test_acks_queued_or_just_written_when_a_stream_ends_are_sent_again() -
     async def source() -> Any:
         return client
 
-    subscription = PubSubSubscription(source, "p", "projects/p/topics/t", "s", {})
+    async def retention() -> int | None:
+        return None
+
+    subscription = PubSubSubscription(source, retention, "p", "projects/p/topics/t", "s", {})
     subscription._client = client
     queue: asyncio.Queue[Any] = asyncio.Queue()
     queue.put_nowait(_StreamingPullRequest(ack_ids=["queued-1", "queued-2"]))

@@ -220,12 +220,14 @@ class PubSubSubscription(Subscription):
     def __init__(
         self,
         client: Callable[[], Awaitable[SubscriberAsyncClient]],
+        retention_ms: Callable[[], Awaitable[int | None]],
         project: str,
         topic_path: str,
         name: str,
         labels: Mapping[str, str],
     ) -> None:
         self._get_client = client
+        self._retention_ms = retention_ms
         self._client: Any = None
         self._path = f"projects/{project}/subscriptions/{name}"
         self._topic_path = topic_path
@@ -290,11 +292,27 @@ class PubSubSubscription(Subscription):
                 ),
             ) from exc
         created_ms = int(time.time() * 1000)
-        # Seek before the stream starts: the replay then comes first, in each key's order.
-        seeked = created and seek_to_ms is not None and await self._seek(seek_to_ms)
+        seeked_to_ms = None
+        if created and seek_to_ms is not None:
+            seeked_to_ms = await self._seek_within_retention(seek_to_ms, created_ms)
         self._start_stream()
         self._ended = None
-        return OpenResult(created_ms, created, seek_to_ms if seeked else None)
+        return OpenResult(created_ms, created, seeked_to_ms)
+
+    async def _seek_within_retention(self, seek_to_ms: int, created_ms: int) -> int | None:
+        """Seeks before the stream starts (the replay then comes first, in each key's order),
+        no further back than the topic retains: the service takes a seek before that and
+        replays nothing of it, which would claim a history the pod does not have."""
+        retention_ms = await self._retention_ms()
+        if not retention_ms:
+            log.warning(
+                "the topic retains no messages (or its retention cannot be read: "
+                "pubsub.topics.get): no warm start",
+                extra={"topic": self._topic_path},
+            )
+            return None
+        seek_to_ms = max(seek_to_ms, created_ms - retention_ms)
+        return seek_to_ms if await self._seek(seek_to_ms) else None
 
     def _start_stream(self) -> None:
         requests: asyncio.Queue[Any] = asyncio.Queue()
@@ -642,10 +660,34 @@ class PubSubBroker(Broker):
             self._last_probe_error = None
         return True
 
+    async def _topic_retention_ms(self) -> int | None:
+        """The topic's message retention, or None when it cannot be read."""
+        client = self._publisher_client
+        if client is None:
+            return None
+        try:
+            topic = await client.get_topic(
+                topic=self._topic_path, retry=_ADMIN_RETRY, timeout=ADMIN_TIMEOUT_S
+            )
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+            log.warning(
+                "cannot read the topic", extra={"topic": self._topic_path, "error": str(exc)}
+            )
+            return None
+        duration = topic.message_retention_duration
+        return int(duration.total_seconds() * 1000) if duration else 0
+
     async def _subscriber(self) -> SubscriberAsyncClient:
         if self._subscriber_client is None:
             self._subscriber_client = await subscriber_client(self._endpoint)
         return self._subscriber_client
 
     def subscription(self, name: str, labels: Mapping[str, str]) -> Subscription:
-        return PubSubSubscription(self._subscriber, self._project, self._topic_path, name, labels)
+        return PubSubSubscription(
+            self._subscriber,
+            self._topic_retention_ms,
+            self._project,
+            self._topic_path,
+            name,
+            labels,
+        )
