@@ -265,9 +265,9 @@ class StandIn:
     def handler(self) -> grpc.GenericRpcHandler:
         standin = self
 
-        class Handler(grpc.GenericRpcHandler):
+        class Handler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc has no types
             def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-                method: str = details.method  # type: ignore[attr-defined]
+                method: str = details.method
                 if method == SUBSCRIBER + "StreamingPull":
                     return grpc.stream_stream_rpc_method_handler(standin._streaming_pull)
                 if method.startswith((PUBLISHER, SUBSCRIBER)):
@@ -449,7 +449,8 @@ class StandIn:
         log.info(
             "seek", extra={"subscription": sub.path, "to_ms": time_ms, "replay": len(sub.replay)}
         )
-        return _SeekResponse().SerializeToString()
+        answer: bytes = _SeekResponse().SerializeToString()
+        return answer
 
     async def _acknowledge(
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext
@@ -458,7 +459,7 @@ class StandIn:
         await self._check(context, "ack_size", check_ack_ids(request.ack_ids))
         upstream = [a for a in request.ack_ids if not a.startswith(REPLAY_ACK_PREFIX)]
         if not upstream:
-            return empty_pb2.Empty().SerializeToString()
+            return _EMPTY
         del request.ack_ids[:]
         request.ack_ids.extend(upstream)
         return await self._forward(method, request.SerializeToString(), context)
@@ -470,7 +471,7 @@ class StandIn:
         await self._check(context, "ack_size", check_ack_ids(request.ack_ids))
         upstream = [a for a in request.ack_ids if not a.startswith(REPLAY_ACK_PREFIX)]
         if not upstream:
-            return empty_pb2.Empty().SerializeToString()
+            return _EMPTY
         del request.ack_ids[:]
         request.ack_ids.extend(upstream)
         return await self._forward(method, request.SerializeToString(), context)
@@ -651,6 +652,9 @@ class StandIn:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._channel.close()
+
+
+_EMPTY: bytes = empty_pb2.Empty().SerializeToString()
 
 
 def _strip_replay_acks(request: Any) -> Any:

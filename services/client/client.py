@@ -110,7 +110,7 @@ def full_jitter(
 ) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(max_s, base_s * 2**attempt))."""
     cap = min(max_s, base_s * 2 ** min(attempt, 30))
-    return rand() * cap
+    return float(rand() * cap)
 
 
 def decode_jwt_payload(token: str | None) -> dict[str, Any] | None:
@@ -772,7 +772,7 @@ class PubsockClient:
         elif kind == "refreshed":
             self._on_refreshed(frame)
         elif kind == "presence":
-            waiters = self._presence_waiters.pop(frame.get("channel"), [])
+            waiters = self._presence_waiters.pop(str(frame.get("channel")), [])
             for future in waiters:
                 if not future.done():
                     future.set_result(frame)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,7 @@ class Envelope:
 
 
 def decode_envelope(
-    body: bytes, attributes: dict[str, str], fallback_id: str, fallback_ts_ms: int
+    body: bytes, attributes: Mapping[str, str], fallback_id: str, fallback_ts_ms: int
 ) -> Envelope:
     """Reads a channel message; a missing `id` or `ts` falls back to Pub/Sub's id and time."""
     try:
@@ -100,4 +101,6 @@ def decode_envelope(
     sub = decoded.get("sub")
     if sub is not None and not isinstance(sub, str):
         raise InvalidEnvelope("invalid sub")
-    return Envelope(id=message_id, channel=channel, data=decoded.get("data"), ts=int(ts), sub=sub)
+    return Envelope(
+        id=message_id, channel=str(channel), data=decoded.get("data"), ts=int(ts), sub=sub
+    )

@@ -63,7 +63,7 @@ def _channel(frame: dict[str, Any]) -> str:
     if not is_valid_channel(channel):
         shown = channel if isinstance(channel, str) and len(channel) <= 200 else None
         raise ProtocolError("bad_channel", "invalid channel name", shown)
-    return channel
+    return str(channel)
 
 
 def parse_client_frame(raw: str | bytes) -> ClientFrame:

@@ -184,9 +184,10 @@ class History:
                 tail.append(entry)
             tail.reverse()
             return Recovery(True, tail)
-        entry = history.index.get(since) if history is not None else None
-        if entry is None:
+        found = history.index.get(since) if history is not None else None
+        if found is None:
             return None
+        entry = found
         if entry.seq < self.break_seq or entry.publish_ms < self.complete_from_ms:
             # Before the break, or older than what the pod can prove it holds (the emulator
             # replays a retained backlog to a new subscription; the real service does not).

@@ -105,7 +105,8 @@ class Pod:
     @property
     def port(self) -> int:
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     def track(self, task: asyncio.Task[object]) -> None:
         """Keeps a reference to a background task and logs its failure."""

@@ -51,11 +51,11 @@ class MessageAssembler:
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
-                return frame.data, opcode is Opcode.TEXT
-            self._fragments = [frame.data]
+                return bytes(frame.data), opcode is Opcode.TEXT
+            self._fragments = [bytes(frame.data)]
             self._is_text = opcode is Opcode.TEXT
         elif opcode is Opcode.CONT and self._fragments is not None:
-            self._fragments.append(frame.data)
+            self._fragments.append(bytes(frame.data))
             if frame.fin:
                 data, self._fragments = b"".join(self._fragments), None
                 return data, self._is_text

@@ -541,7 +541,8 @@ class PubSubBroker(Broker):
 
     async def start(self) -> None:
         client = self._publisher_client = await publisher_client(self._endpoint)
-        self._publish_rpc = client.transport.grpc_channel.unary_unary(
+        transport: Any = client.transport  # grpc_asyncio: has the channel
+        self._publish_rpc = transport.grpc_channel.unary_unary(
             "/google.pubsub.v1.Publisher/Publish",
             request_serializer=_PublishRequest.SerializeToString,
             response_deserializer=_PublishResponse.FromString,
@@ -560,7 +561,8 @@ class PubSubBroker(Broker):
             await publisher.close()
         for client in (self._publisher_client, self._subscriber_client):
             if client is not None:
-                await client.transport.close()
+                transport: Any = client.transport
+                await transport.close()
         self._publisher_client = self._subscriber_client = None
 
     async def _send(self, batch: Sequence[Pending], deadline: float) -> Sequence[str]:
