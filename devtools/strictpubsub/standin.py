@@ -136,6 +136,7 @@ class Stream:
         self.events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.stalled = False
         self.unstalled = asyncio.Event()
+        self.pending = 0  # messages received upstream, not yet sent to the client
 
     def close(self, code: grpc.StatusCode, details: str) -> None:
         self.unstalled.set()
@@ -252,6 +253,7 @@ class StandIn:
             "refused": dict(self.refused),
             "calls": dict(self.calls),
             "streams": len(self._streams),
+            "held": sum(s.pending for s in self._streams if s.stalled),
             "subscriptions": sorted(self._subs),
             "seek_fails": self.seek_fails,
             "outage_s": max(0.0, self.outage_until - time.monotonic()),
@@ -512,6 +514,7 @@ class StandIn:
                 UNAVAILABLE_TEXT,
             )
         undelivered: list[str] = []
+        held: tuple[Any, ...] | None = None  # taken from the queue, held back by a stall
         try:
             while True:
                 if sub is not None and sub.replay:
@@ -519,9 +522,12 @@ class StandIn:
                     continue
                 event = await stream.events.get()
                 if stream.stalled and event[0] != "close":
+                    held = event
                     await stream.unstalled.wait()
+                    held = None
                 kind = event[0]
                 if kind == "response":
+                    stream.pending -= event[2]
                     yield event[1]
                 elif kind == "close":
                     self.refused[
@@ -544,8 +550,14 @@ class StandIn:
             self._streams.discard(stream)
             if sub is not None:
                 sub.streams.discard(stream)
+            # What a stall held back goes back first, with the rest, in the order received:
+            # nacking only the queue would let the emulator hand the held (older) messages out
+            # after the deadline, behind later messages of the same ordering key, which the
+            # real service never does.
+            pending = [held] if held is not None else []
             while not stream.events.empty():
-                event = stream.events.get_nowait()
+                pending.append(stream.events.get_nowait())
+            for event in pending:
                 if event[0] == "response":
                     response = _StreamingPullResponse.FromString(event[1])
                     undelivered.extend(m.ack_id for m in response.received_messages)
@@ -599,7 +611,8 @@ class StandIn:
                     )
                     continue
                 if sub is None:
-                    stream.events.put_nowait(("response", raw))
+                    stream.pending += len(response.received_messages)
+                    stream.events.put_nowait(("response", raw, len(response.received_messages)))
                     continue
                 kept = []
                 dropped = []
@@ -616,7 +629,8 @@ class StandIn:
                 if kept:
                     out = _StreamingPullResponse()
                     out.received_messages.extend(kept)
-                    stream.events.put_nowait(("response", out.SerializeToString()))
+                    stream.pending += len(kept)
+                    stream.events.put_nowait(("response", out.SerializeToString(), len(kept)))
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 stream.close(exc.code(), exc.details() or "")

@@ -305,6 +305,34 @@ async def test_the_server_closes_streams_with_unavailable(strict: StrictPubSub, 
     puller.close()
 
 
+async def test_what_a_stall_held_back_comes_again_first_in_order(strict, channel_to) -> None:
+    """A stalled stream that its client gives up on (a deaf pod opens a new one) gives back
+    everything it held, in order: the key's older messages are never handed out behind its
+    later ones (found by make soak: the message the stall was holding came back only after
+    the ack deadline, behind later messages of its channel)."""
+    channel = channel_to()
+    subscription = await create_subscription(channel)
+    key = f"stall-{time.time_ns()}"
+    first = Puller(channel, subscription)
+    await publish(channel, message(b"one", key=key))
+    assert await first.take(1, key) == [b"one"]
+    strict.control("stall", subscription=subscription.rsplit("/", 1)[-1])
+    try:
+        await publish(channel, message(b"two", key=key))
+        await publish(channel, message(b"three", key=key))
+        async with asyncio.timeout(10):  # both reached the stand-in, held by the stall
+            while strict.state()["held"] < 2:
+                await asyncio.sleep(0.05)
+        first.close()
+        second = Puller(channel, subscription)
+        await publish(channel, message(b"four", key=key))
+        # well within the 60 s ack deadline: nothing waits for it
+        assert await second.take(3, key, timeout_s=15) == [b"two", b"three", b"four"]
+        second.close()
+    finally:
+        strict.control("unstall")
+
+
 async def test_the_emulator_itself_is_lenient(cluster: LocalCluster) -> None:
     """Pins what the emulator does, so a version that changes is noticed: it takes mixed
     ordering keys, answers Seek to a time with UNIMPLEMENTED (501), and replays a retained
