@@ -97,6 +97,7 @@ class Stretch:
     deliveries: list[tuple[str, float]] = field(default_factory=list)  # (id, ts)
     end: str = "open"  # gap, left, final, reset, open
     end_ms: float | None = None
+    membership: int = 0  # stretches of one join (to its leave) share it
 
 
 @dataclass
@@ -172,10 +173,35 @@ def check(
     index = {ch: {m: i for i, m in enumerate(order)} for ch, order in orders.items()}
 
     # 2. Every stretch: exactly once, in order, nothing missing.
+    # What the application got over a whole membership (join to leave): a message it already
+    # has from an earlier stretch needs no second copy after a `recovered: false` (clients
+    # drop it as a duplicate), and a second copy anywhere in the membership is a duplicate.
+    got: dict[tuple[str, str, int], set[str]] = defaultdict(set)
+    counted: dict[tuple[str, str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for stretch in stretches:
+        key = (stretch.client, stretch.channel, stretch.membership)
+        got[key].update(m for m, _ in stretch.deliveries)
+        for m, _ in stretch.deliveries:
+            counted[key][m] += 1
+    for (client, channel, _), copies in counted.items():
+        twice = [m for m, n in copies.items() if n > 1]
+        if twice:
+            violations.append(
+                Violation(
+                    "duplicate",
+                    client,
+                    channel,
+                    twice,
+                    seen_ts.get(twice[0]),
+                    "handed to the application more than once",
+                    _faults_near(faults, seen_ts.get(twice[0])),
+                )
+            )
     deliveries = 0
     for stretch in stretches:
         deliveries += len(stretch.deliveries)
-        violations.extend(_check_stretch(stretch, messages, orders, index, seen_ts, faults))
+        had = got[(stretch.client, stretch.channel, stretch.membership)]
+        violations.extend(_check_stretch(stretch, messages, orders, index, seen_ts, faults, had))
 
     # 3. Every recovered: false explained.
     counts: dict[str, int] = defaultdict(int)
@@ -220,6 +246,11 @@ def _stretches(
     wire_dups: list[Event] = []
     current: dict[str, Stretch] = {}
     joined: set[str] = set()
+    membership: dict[str, int] = {}
+    joins = 0
+
+    def start(ch: str, position: str | None, t: float) -> None:
+        current[ch] = Stretch(client, ch, position, t, membership=membership.get(ch, 0))
 
     def close(ch: str, end: str, t: float) -> None:
         stretch = current.pop(ch, None)
@@ -235,6 +266,8 @@ def _stretches(
         if kind == "join":
             close(ch, "left", t)
             joined.add(ch)
+            joins += 1
+            membership[ch] = joins
         elif kind == "leave":
             close(ch, "left", t)
             joined.discard(ch)
@@ -247,16 +280,16 @@ def _stretches(
                     Recovery(client, ch, event.get("since"), event.get("pod"), t, True)
                 )
                 if ch not in current:  # a first subscribe that named its own `since`
-                    current[ch] = Stretch(client, ch, event.get("since"), t)
+                    start(ch, event.get("since"), t)
             elif rec is False:
                 recoveries.append(
                     Recovery(client, ch, event.get("since"), event.get("pod"), t, False)
                 )
                 close(ch, "gap", t)
-                current[ch] = Stretch(client, ch, event.get("pos"), t)
+                start(ch, event.get("pos"), t)
             else:
                 close(ch, "reset", t)
-                current[ch] = Stretch(client, ch, event.get("pos"), t)
+                start(ch, event.get("pos"), t)
         elif kind == "msg":
             stretch = current.get(ch)
             if stretch is not None:
@@ -400,6 +433,7 @@ def _check_stretch(
     index: Mapping[str, Mapping[str, int]],
     seen_ts: Mapping[str, float],
     faults: Sequence[Mapping[str, Any]],
+    had: set[str] | None = None,
 ) -> list[Violation]:
     found: list[Violation] = []
     ch = stretch.channel
@@ -410,14 +444,7 @@ def _check_stretch(
     def violation(kind: str, which: list[str], detail: str, t: float | None) -> None:
         found.append(Violation(kind, stretch.client, ch, which, t, detail, _faults_near(faults, t)))
 
-    copies: dict[str, int] = defaultdict(int)
-    for m in ids:
-        copies[m] += 1
-    twice = [m for m, n in copies.items() if n > 1]
-    if twice:
-        violation(
-            "duplicate", twice, "delivered more than once in one stretch", seen_ts.get(twice[0])
-        )
+    copies = set(ids)
     phantom = [m for m in copies if m not in messages]
     if phantom:
         violation("phantom", phantom, "delivered but never published", seen_ts.get(phantom[0]))
@@ -450,7 +477,7 @@ def _check_stretch(
         first = min(places) if places else last + 1
     else:  # an unknown position: from the first delivery on
         first = min(places) if places else last + 1
-    delivered = set(unique)
+    delivered = set(unique) | (had or set())
     missing: list[str] = []
     for i in range(0 if floor_ms is not None else first + 1, last + 1):
         m = order[i]

@@ -229,3 +229,15 @@ def test_a_wire_duplicate_and_a_phantom_are_flagged():
     events.insert(3, {"e": "msg", "ch": CH, "id": "zz", "ts": 1005, "t": 0})
     events.insert(2, {"e": "wiredup", "ch": CH, "id": "a", "t": 3})
     assert kinds(check(messages, {"c1": events})) == ["phantom", "wire_duplicate"]
+
+
+def test_a_message_already_had_before_a_recovered_false_needs_no_second_copy():
+    """A pod behind the client answers `recovered: false` with a position older than what the
+    client has; the client drops what it already had when the pod sends it again."""
+    messages = published("a", "b", "c", "d")
+    events = life(messages, ["a", "b", "c", "d"], gaps={3: ("c", "a")})
+    faults = [{"kind": "unavailable", "start_ms": ts_of("c", messages), "end_ms": 1100}]
+    assert check(messages, {"c1": events}, faults=faults).ok
+    # a second copy across the two stretches is still a duplicate
+    events = life(messages, ["a", "b", "c", "b", "d"], gaps={3: ("c", "a")})
+    assert kinds(check(messages, {"c1": events}, faults=faults)) == ["duplicate"]
