@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-unit test-integration lint format deploy bench system-deps clean
+.PHONY: run test test-unit test-integration lint format deploy bench soak system-deps clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
@@ -46,6 +46,13 @@ bench: $(STAMP) system-deps
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench
 	$(PY) -m bench.socketio_bench --clients 500 --messages 1800 --rate 60 --rounds 2
+
+# Random faults together under load for SOAK_S seconds, then a checker (docs/soak.md). The seed
+# is printed first; SOAK_SEED=<it> replays a run.
+SOAK_S ?= 600
+SOAK_SEED ?=
+soak: $(STAMP) system-deps
+	$(PY) -m devtools.soak --seconds $(SOAK_S) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

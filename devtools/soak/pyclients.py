@@ -178,10 +178,14 @@ async def run(plan: dict[str, Any], out: IO[str]) -> None:
             out.flush()
 
     flusher = asyncio.ensure_future(flush())
-    runners = []
-    for client in clients:
-        runners.append(asyncio.ensure_future(client.run(finishing)))
-        await asyncio.sleep(plan.get("ramp_s", 0) / max(1, len(clients)))  # spread the start
+    runners: list[asyncio.Future[None]] = []
+
+    async def ramp() -> None:
+        for client in clients:
+            runners.append(asyncio.ensure_future(client.run(finishing)))
+            await asyncio.sleep(plan.get("ramp_s", 0) / max(1, len(clients)))  # spread the start
+
+    ramping = asyncio.ensure_future(ramp())
     print(json.dumps({"ev": "started"}), flush=True)
 
     reader = asyncio.StreamReader()
@@ -205,7 +209,9 @@ async def run(plan: dict[str, Any], out: IO[str]) -> None:
     for client in clients:
         record(client.name, "end", drained=drained, state=client.client.state)
     await asyncio.gather(*(c.client.close() for c in clients), return_exceptions=True)
-    for task in (*runners, flusher, reading, stopping, *(t for c in clients for t in c.tasks)):
+    leftover: list[asyncio.Future[Any]] = [ramping, *runners, flusher, reading, stopping]
+    leftover += [t for c in clients for t in c.tasks]
+    for task in leftover:
         task.cancel()
     out.flush()
     print(

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from devtools.cluster import ClusterConfig, LocalCluster, free_port, port_open
+from devtools.cluster import ROOT, ClusterConfig, LocalCluster, free_port, port_open
 from devtools.soak import checker
 from devtools.soak.clients import install_node_modules, load_records, make_workers, plan_clients
 from devtools.soak.nemesis import Nemesis
@@ -50,8 +50,11 @@ def now_ms() -> float:
     return time.time() * 1000
 
 
+_T0 = time.monotonic()
+
+
 def say(*parts: object) -> None:
-    print(*parts, flush=True)
+    print(f"[{time.monotonic() - _T0:6.1f}s]", *parts, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,10 +216,10 @@ class Proxy:
 
 async def soak(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
-    say(f"SOAK_SEED={seed}")
+    print(f"SOAK_SEED={seed}", flush=True)  # first: a failing run replays with it
     started = time.monotonic()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out: Path = args.out or Path(f"/tmp/pubsock-soak-{seed}-{int(time.time())}")
+    out: Path = args.out or ROOT / ".run" / "soak" / f"{seed}-{int(time.time())}"
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     say(f"output: {out}")
