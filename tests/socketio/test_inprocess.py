@@ -68,6 +68,31 @@ async def pod() -> AsyncIterator[Pod]:
 
 
 @pytest.fixture
+async def slack_pod() -> AsyncIterator[Pod]:
+    """A pod whose other rooms resume from the anchor's time minus 1 s (the default is 2 s)."""
+    settings = SocketSettings(
+        broker="memory",
+        host="127.0.0.1",
+        port=0,
+        pod_name="inproc-slack",
+        token_secret=SECRET,
+        position_slack_ms=1000,
+        recovery_wait_s=0.5,
+        warm_start_timeout_s=2,
+        drain_close_window_s=0,
+        close_timeout_s=1,
+        shutdown_cleanup_s=1,
+        log_level="WARNING",
+    )
+    running = Pod(settings, MemoryBroker())
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.drain()
+
+
+@pytest.fixture
 async def driver() -> AsyncIterator[SioDriver]:
     running = await SioDriver.start()
     try:
@@ -178,7 +203,8 @@ async def test_a_forged_room_set_is_not_recovered(pod: Pod, driver: SioDriver, r
     await publish(pod, room, 1)
     await driver.wait_messages("c", room, 1)
     offset = driver.last_offset("c")
-    assert offset.startswith(f"{room}/") and f"~{room}~" in offset
+    # the room set, signed (the room with its join position, joined moments ago)
+    assert offset.startswith(f"{room}/") and f"~{room}" in offset
     forged = offset.rsplit("~", 1)[0] + "~AAAAAAAAAAAAAAAAAAAAAA"
     await driver.set_offset("c", forged)
     since = len(driver.records)
@@ -282,3 +308,34 @@ async def test_too_many_events_get_limit_acks(pod: Pod, driver: SioDriver, room:
     codes = [ack.get("code", "ok") for ack in acks]
     assert codes.count("limit") >= 3 and codes.count("ok") >= 9, codes
     assert not driver.of("c", "disconnect")  # limited, not yet a flood
+
+
+async def test_a_room_joined_moments_ago_recovers_nothing_from_before_the_join(
+    slack_pod: Pod, driver: SioDriver
+) -> None:
+    """Found by make soak: a room joined less than POSITION_SLACK_MS before the anchor (another
+    room's last event) resumed from the anchor's time minus the slack, so a recovery handed the
+    client that room's messages from before its join, behind ones it already had: out of order,
+    and not a duplicate it could drop. It now resumes after its join position."""
+    pod = slack_pod
+    other, joined = f"room:other{next(_rooms)}", f"room:joined{next(_rooms)}"
+    async with asyncio.timeout(10):  # the pod's history reaches back past the slack
+        while pod.history.complete_from_ms > time.time() * 1000 - 1500:
+            await asyncio.sleep(0.05)
+    opts = {"transports": ["websocket"], "auth": {"token": token()}, **RECONNECT}
+    await driver.connect("c", url(pod), **opts)
+    assert (await driver.emit("c", "join", other))["ok"]
+    before = await publish(pod, joined, "published before c joined")
+    ack = await driver.emit("c", "join", joined)
+    assert ack["ok"] and ack["position"] == before
+    after = [await publish(pod, joined, "j1")]
+    await driver.wait_messages("c", joined, 1)
+    await publish(pod, other, "o1")  # the anchor: within the slack of the join
+    await driver.wait_messages("c", other, 1)
+    since = len(driver.records)
+    await driver.drop("c")
+    after.append(await publish(pod, joined, "j2"))
+    assert (await driver.reconnected("c", since))["recovered"] is True
+    got = await driver.wait_messages("c", joined, 3)  # j1, then j1 again (slack) and j2
+    assert before not in got
+    assert [m for i, m in enumerate(got) if m not in got[:i]] == after

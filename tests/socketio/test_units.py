@@ -18,7 +18,14 @@ from services.socket.socketio.protocol import (
     decode,
     decode_payload,
 )
-from services.socket.socketio.recovery import Offset, PidSigner, parse_offset, state_offset
+from services.socket.socketio.recovery import (
+    Offset,
+    PidSigner,
+    parse_offset,
+    room_entry,
+    split_room_entry,
+    state_offset,
+)
 from services.socket.wsframe import text_frame
 
 
@@ -88,7 +95,25 @@ def test_an_offset_carries_a_signed_room_set():
     empty = parse_offset("/5" + signer.rooms_suffix([]))
     assert empty is not None and empty.rooms is not None and signer.verify_rooms(empty.rooms) == ()
     assert parse_offset("room:a/01HX~") is None
-    assert parse_offset("room:a/01HX" + signer.rooms_suffix(["r" * 128] * 5), max_rooms=2) is None
+    # longer than 2 rooms, even with join positions, can be: refused before any HMAC
+    assert parse_offset("room:a/01HX" + signer.rooms_suffix(["r" * 128] * 8), max_rooms=2) is None
+
+
+def test_a_room_joined_moments_ago_carries_its_join_position():
+    signer = PidSigner("secret")
+    entries = [room_entry("room:a", None), room_entry("room:b", "01HX"), room_entry("c", "@17")]
+    offset = parse_offset("room:a/01HY" + signer.rooms_suffix(entries), max_rooms=3)
+    assert offset is not None and offset.rooms is not None
+    signed = signer.verify_rooms(offset.rooms)
+    assert signed is not None
+    assert [split_room_entry(e) for e in signed] == [
+        ("c", "@17"),
+        ("room:a", None),
+        ("room:b", "01HX"),
+    ]
+    for bad in ("room:b/", "room:b/@x", "room b/01HX", "room:b/a b"):
+        assert split_room_entry(bad) is None
+    assert signer.verify_rooms(signer.rooms_suffix(["room:b/@x"])[1:]) is None
 
 
 @pytest.mark.parametrize(

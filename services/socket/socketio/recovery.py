@@ -16,6 +16,10 @@ A pod that never saw the session must find everything in those two strings:
   can change. Such a session's message events are framed for its room set (once per distinct set
   per message); a session whose rooms are its pid's shares the pod's one frame per message.
   Channel names never hold `/`, `,` or `~` (services.core.channels), so no escaping is needed.
+- A room joined moments ago is `<room>/<position>` in that set (its position at the join) until
+  twice POSITION_SLACK_MS have passed: it resumes exactly after that position, not from the
+  anchor's time minus the slack, which could reach back before the join and hand the client a
+  message of that room it never had, behind later ones (found by make soak).
 """
 
 from __future__ import annotations
@@ -112,12 +116,13 @@ class PidSigner:
         return f"~{joined}~{self._rooms_mac(joined.encode())}"
 
     def verify_rooms(self, suffix: str) -> tuple[str, ...] | None:
-        """The room set of a suffix (without its leading `~`), or None when forged or malformed."""
+        """The room set of a suffix (without its leading `~`), or None when forged or malformed:
+        its entries, `room` or `room/<join position>` (split_room_entry)."""
         joined, sep, mac = suffix.partition("~")
         if not sep or not hmac.compare_digest(mac, self._rooms_mac(joined.encode())):
             return None
         rooms = tuple(joined.split(",")) if joined else ()
-        return rooms if all(is_valid_channel(room) for room in rooms) else None
+        return rooms if all(split_room_entry(room) is not None for room in rooms) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +143,22 @@ def _valid_position(position: str) -> bool:
 
 def offset_max_chars(max_rooms: int) -> int:
     """The longest offset a session in at most `max_rooms` rooms can be sent."""
-    return OFFSET_MAX_CHARS + max_rooms * (CHANNEL_MAX_CHARS + 1) + 2 * _MAC_BYTES
+    return (
+        OFFSET_MAX_CHARS + max_rooms * (CHANNEL_MAX_CHARS + POSITION_MAX_CHARS + 2) + 2 * _MAC_BYTES
+    )
+
+
+def room_entry(room: str, position: str | None) -> str:
+    """A room of a signed room set, with its join position while it was joined moments ago."""
+    return room if position is None else f"{room}/{position}"
+
+
+def split_room_entry(entry: str) -> tuple[str, str | None] | None:
+    """(room, join position or None), or None when malformed."""
+    room, sep, position = entry.partition("/")
+    if not is_valid_channel(room) or (sep and not _valid_position(position)):
+        return None
+    return room, (position if sep else None)
 
 
 def parse_offset(offset: object, max_rooms: int = 0) -> Offset | None:

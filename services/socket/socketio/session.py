@@ -48,7 +48,12 @@ from services.socket.socketio.protocol import (
     decode,
     event_packet,
 )
-from services.socket.socketio.recovery import parse_offset, state_offset
+from services.socket.socketio.recovery import (
+    parse_offset,
+    room_entry,
+    split_room_entry,
+    state_offset,
+)
 
 if TYPE_CHECKING:
     from services.socket.socketio.server import SocketIOServer
@@ -85,6 +90,7 @@ class SioSession(EngineSession):
         "_busy",
         "_expiry",
         "_flood",
+        "_fresh",
         "_skip_binary",
         "_unconnected_since",
         "claims",
@@ -111,6 +117,8 @@ class SioSession(EngineSession):
         self.declared: tuple[str, ...] = ()  # rooms of the CONNECT auth (in the pid)
         # `~rooms~mac` after each offset once the rooms are not the declared ones (recovery.py)
         self.rooms_suffix: bytes | None = None
+        # Rooms joined moments ago: their position at the join, and when (recovery.py).
+        self._fresh: dict[str, tuple[str, float]] = {}
         self._busy = False  # a join with `since` or a recovery is waiting: later packets queue
         self._backlog: deque[SioPacket] = deque()
         self._flood = FloodGuard(settings.client_frames_per_s, settings.client_frames_burst)
@@ -124,6 +132,13 @@ class SioSession(EngineSession):
 
     def tick(self, now: float) -> None:
         super().tick(now)
+        if self._fresh:
+            window = 2 * self.server.settings.position_slack_ms / 1000
+            for room, (_, joined_at) in list(self._fresh.items()):
+                if now - joined_at >= window:
+                    del self._fresh[room]
+            if not self._fresh:
+                self._rooms_changed()
         if (
             self.open
             and not self.connected
@@ -290,13 +305,20 @@ class SioSession(EngineSession):
             declared = (
                 list(session_id.rooms) if listed is None else self._declared_rooms(listed, claims)
             )
+            # room -> its join position when it was joined moments ago (resumed from there)
+            rooms: dict[str, str | None]
             if offset.rooms is None:  # in the declared rooms (and the anchor's) since connect
                 rooms = dict.fromkeys(declared)
             else:  # rooms joined or left since: the last offset carries the set, signed
                 signed = server.signer.verify_rooms(offset.rooms)
                 if signed is None:
                     return False
-                rooms = dict.fromkeys(signed)
+                rooms = {}
+                for item in signed:
+                    split = split_room_entry(item)
+                    if split is None:
+                        return False
+                    rooms[split[0]] = split[1]
             if offset.room is not None:
                 rooms[offset.room] = None
             for room in rooms:
@@ -306,6 +328,15 @@ class SioSession(EngineSession):
         if len(rooms) > max_rooms:
             return False
         replay: list[tuple[str, Entry]] = []
+        history = server.history
+        for room, joined in rooms.items():
+            # Not here yet (the client's pod was ahead): wait for it as a join would.
+            if (
+                joined is not None
+                and history.recover(room, joined) is None
+                and not (await server.hub.recover(room, joined)).recovered
+            ):
+                return False
         sync_ms = offset.sync_ms
         if offset.room is not None and offset.position is not None:
             recovery = await server.hub.recover(offset.room, offset.position)
@@ -316,11 +347,22 @@ class SioSession(EngineSession):
                 sync_ms = server.position_ms(offset.room, offset.position)
         if not self.open or sync_ms is None:
             return False
-        history = server.history
-        for room in rooms:
+        for room, joined in rooms.items():
             if room == offset.room:
                 continue
             recovery = history.recover(room, f"@{sync_ms}")
+            if joined is not None:
+                # Joined moments ago: the anchor's time minus the slack could reach back before
+                # the join. Never before the join position; of the two tails, the shorter.
+                since_join = history.recover(room, joined)
+                if since_join is None or not since_join.recovered:
+                    return False
+                if (
+                    recovery is None
+                    or not recovery.recovered
+                    or len(since_join.entries) < len(recovery.entries)
+                ):
+                    recovery = since_join
             if recovery is None or not recovery.recovered:
                 return False
             replay.extend((room, entry) for entry in recovery.entries)
@@ -331,7 +373,7 @@ class SioSession(EngineSession):
         self.declared = tuple(declared)
         self.connected = True
         for room in rooms:
-            self._join(room, update=False)
+            self._join(room, update=False, fresh=False)
         self._rooms_changed()
         # As socket.io does: the missed events first (the client buffers them until CONNECT).
         for room, entry in replay:
@@ -495,27 +537,35 @@ class SioSession(EngineSession):
         self._ack(ack_id, {"ok": True, "expires_at": claims.exp})
 
     # -- rooms -------------------------------------------------------------------------------
-    def _join(self, room: str, update: bool = True) -> None:
+    def _join(self, room: str, update: bool = True, fresh: bool = True) -> None:
+        """`fresh`: a room the client had not been in (not one a recovery restores)."""
         if room not in self.rooms:
             self.rooms[room] = None
             self.server.room_add(room, self)
+            if fresh and self.server.recovery:
+                position = self.server.history.position(room)
+                self._fresh[room] = (position, time.monotonic())
             if update:
                 self._rooms_changed()
 
     def _leave(self, room: str) -> None:
         if room in self.rooms:
             del self.rooms[room]
+            self._fresh.pop(room, None)
             self.server.room_remove(room, self)
             self._rooms_changed()
             if self.server.recovery:
                 self._emit_left(room)
 
     def _rooms_changed(self) -> None:
-        """Rooms other than the pid's are carried, signed, by every offset from now on."""
-        if not self.server.recovery or set(self.rooms) == set(self.declared):
+        """Rooms other than the pid's, or joined moments ago, are carried, signed, by every
+        offset from now on."""
+        if not self.server.recovery or (not self._fresh and set(self.rooms) == set(self.declared)):
             self.rooms_suffix = None
         else:
-            self.rooms_suffix = self.server.signer.rooms_suffix(list(self.rooms)).encode()
+            fresh = self._fresh
+            entries = [room_entry(r, fresh[r][0] if r in fresh else None) for r in self.rooms]
+            self.rooms_suffix = self.server.signer.rooms_suffix(entries).encode()
 
     def _event_packet(self, room: str, entry: Entry) -> bytes:
         """A message's packet for this session: the pod's one, or with our room set."""
@@ -548,6 +598,7 @@ class SioSession(EngineSession):
         for room in list(self.rooms):
             self.server.room_remove(room, self)
         self.rooms.clear()
+        self._fresh.clear()
         self.rooms_suffix = None
         self._backlog.clear()
 
