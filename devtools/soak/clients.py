@@ -101,6 +101,13 @@ class Worker:
                     return record
         raise RuntimeError(f"{self.name} exited before {ev!r}; see {self.log_path}")
 
+    async def calm(self) -> None:
+        """No more joins and leaves from here on."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(b'{"cmd": "calm"}\n')
+        await self.process.stdin.drain()
+        await self.wait_line("calm", 30)
+
     async def finish(self, last: dict[str, list[str]], deadline_s: float) -> dict[str, Any]:
         assert self.process is not None and self.process.stdin is not None
         command = {"cmd": "finish", "last": last, "deadline_s": deadline_s}

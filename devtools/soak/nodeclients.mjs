@@ -37,7 +37,9 @@ const random = rng(plan.seed);
 const expo = (mean) => -Math.log(1 - random()) * mean;
 const pick = (items) => items[Math.floor(random() * items.length)];
 
-let finishing = false;
+let calm = false; // no more channel changes
+let calmAt = Infinity;
+let finishing = false; // stopping the clients
 const clients = [];
 
 class Base {
@@ -45,10 +47,13 @@ class Base {
     this.name = spec.name;
     this.churnS = spec.churn_s;
     this.delivered = new Map(); // channel -> Set of ids handed to the application
+    this.joinedAt = new Map();
     this.changed = null;
   }
+  // Every last id of each channel joined before the calm (a later join may stand past them).
   has(last) {
     for (const [channel, seen] of this.delivered) {
+      if ((this.joinedAt.get(channel) ?? 0) > calmAt) continue;
       for (const id of last[channel] ?? []) if (!seen.has(id)) return false;
     }
     return true;
@@ -57,9 +62,9 @@ class Base {
     if (this.changed) this.changed();
   }
   churn() {
-    if (!this.churnS || finishing) return;
+    if (!this.churnS || calm) return;
     setTimeout(() => {
-      if (finishing) return;
+      if (calm) return;
       const joined = [...this.delivered.keys()];
       const others = plan.pool.filter((c) => !this.delivered.has(c));
       if (joined.length > 1 && (others.length === 0 || random() < 0.5)) this.leave(pick(joined));
@@ -132,6 +137,7 @@ class BrowserClient extends Base {
     this.client.on("error", () => {});
   }
   join(channel) {
+    this.joinedAt.set(channel, Date.now());
     record(this.name, "join", { ch: channel });
     const seen = new Set();
     this.delivered.set(channel, seen);
@@ -256,6 +262,7 @@ class SioClient extends Base {
     });
   }
   join(room) {
+    this.joinedAt.set(room, Date.now());
     this.wanted.set(room, { position: null, joined: false, asked: false });
     if (this.socket.connected) this.sendJoin(room, true);
     else {
@@ -283,7 +290,7 @@ plan.clients.forEach((spec, i) => {
 process.stdout.write(JSON.stringify({ ev: "started" }) + "\n");
 
 async function finish(command) {
-  finishing = true;
+  calm = true;
   const last = command.last ?? {};
   const deadline = Date.now() + (command.deadline_s ?? 60) * 1000;
   for (const client of clients) {
@@ -298,6 +305,7 @@ async function finish(command) {
       client.changed = null;
     }
   }
+  finishing = true;
   let complete = 0;
   for (const client of clients) {
     if (client.has(last)) complete++;
@@ -314,6 +322,11 @@ const lines = createInterface({ input: process.stdin });
 lines.on("line", (line) => {
   if (!line.trim()) return;
   const command = JSON.parse(line);
+  if (command.cmd === "calm") {
+    calm = true;
+    calmAt = Date.now();
+    process.stdout.write(JSON.stringify({ ev: "calm" }) + "\n");
+  }
   if (command.cmd === "finish") finish(command);
 });
 lines.on("close", () => {

@@ -56,6 +56,8 @@ class SoakClient:
         self.changed = asyncio.Event()
         self._since: dict[str, str | None] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.joined_ms: dict[str, float] = {}
+        self.calm_ms = float("inf")
         self.client = PubsockClient(
             plan["url"],
             token=plan["token"],
@@ -114,6 +116,7 @@ class SoakClient:
         return handle
 
     async def join(self, channel: str) -> None:
+        self.joined_ms[channel] = now_ms()
         self.record(self.name, "join", ch=channel)
         self.delivered[channel] = set()
         with contextlib.suppress(Exception):  # not answered yet: sent again on reconnect
@@ -152,7 +155,14 @@ class SoakClient:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def has(self, last: dict[str, list[str]]) -> bool:
-        return all(m in seen for c, seen in self.delivered.items() for m in last.get(c, ()))
+        """Every last id of each channel joined before the calm (a later join may stand past
+        them: the checker judges it, the finish does not wait for it)."""
+        return all(
+            m in seen
+            for c, seen in self.delivered.items()
+            if self.joined_ms.get(c, 0) <= self.calm_ms
+            for m in last.get(c, ())
+        )
 
 
 def main(plan_path: str) -> None:
@@ -168,6 +178,7 @@ async def run(plan: dict[str, Any], out: IO[str]) -> None:
         SoakClient(spec, plan, record, random.Random(rng.random())) for spec in plan["clients"]
     ]
     finishing = asyncio.Event()
+    calm_ms = float("inf")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -191,14 +202,25 @@ async def run(plan: dict[str, Any], out: IO[str]) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     command: dict[str, Any] = {}
-    reading = asyncio.ensure_future(reader.readline())
     stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if reading in done and reading.result():
+    reading = asyncio.ensure_future(reader.readline())
+    while True:
+        done, _ = await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if reading not in done or not reading.result():
+            break
         command = json.loads(reading.result())
+        if command.get("cmd") != "calm":
+            break
+        # No more channel changes: what was joined until now is waited for at the finish.
+        finishing.set()
+        calm_ms = now_ms()
+        print(json.dumps({"ev": "calm"}), flush=True)
+        reading = asyncio.ensure_future(reader.readline())
     drained = command.get("cmd") == "finish"
     finishing.set()
     if drained:
+        for client in clients:
+            client.calm_ms = calm_ms
         last: dict[str, list[str]] = command.get("last", {})
         deadline = loop.time() + float(command.get("deadline_s", 60))
         for client in clients:

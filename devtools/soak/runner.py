@@ -308,6 +308,7 @@ async def soak(args: argparse.Namespace) -> int:
         say("stopping the nemesis and the publishers ...")
         await nemesis.stop()
         await faulting
+        await asyncio.gather(*(w.calm() for w in workers))  # joins end before publishing does
         for publisher in publishers:
             publisher.stop()
         await asyncio.gather(*publishing)
@@ -359,7 +360,13 @@ async def soak(args: argparse.Namespace) -> int:
                 pgids.append(pod["pid"])
         await asyncio.to_thread(cluster.stop)
         pgids += [p.popen.pid for p in all_processes if p.popen is not None]
-    report["leftovers"] = leftovers(pgids, ports)
+    # Killed processes take a moment to go (a SIGKILLed JVM closes its port as it exits).
+    left_deadline = time.monotonic() + 15
+    while True:
+        report["leftovers"] = leftovers(pgids, ports)
+        if time.monotonic() > left_deadline or not any(report["leftovers"].values()):
+            break
+        await asyncio.sleep(0.2)
     say("checking ...")
     clients = load_records([w.out_path for w in workers])
     marks = pod_marks(report["pods"])
