@@ -320,7 +320,7 @@ class SioSession(EngineSession):
                         return False
                     rooms[split[0]] = split[1]
             if offset.room is not None:
-                rooms[offset.room] = None
+                rooms.setdefault(offset.room, None)
             for room in rooms:
                 self._check_room(room, claims)
         except Refused:
@@ -372,8 +372,11 @@ class SioSession(EngineSession):
         self.pid = auth["pid"]
         self.declared = tuple(declared)
         self.connected = True
-        for room in rooms:
+        now = time.monotonic()
+        for room, joined in rooms.items():
             self._join(room, update=False, fresh=False)
+            if joined is not None:  # still joined moments ago: a second drop needs it too
+                self._fresh[room] = (joined, now)
         self._rooms_changed()
         # As socket.io does: the missed events first (the client buffers them until CONNECT).
         for room, entry in replay:
