@@ -90,17 +90,19 @@ class BrowserClient extends Base {
       constructor(url) {
         super(url, { headers: jar.cookie ? { Cookie: jar.cookie } : {} });
         this.on("upgrade", (response) => keep([].concat(response.headers["set-cookie"] ?? [])));
-        // Wire-level check: an id the client already handed over arriving again on a channel
-        // it is subscribed to (the client drops it; the contract says it is never sent twice).
+        // Wire-level check: an id arriving twice on this connection for a channel the client
+        // is subscribed to (the client drops it; the contract: at most once per connection).
+        const wire = new Map();
         this.on("message", (data, isBinary) => {
           if (isBinary) return;
           const text = data.toString();
           if (!text.startsWith('{"type":"message"')) return;
           const frame = JSON.parse(text);
-          const seen = self.delivered.get(frame.channel);
-          if (seen && seen.has(frame.id) && self.client._channels.get(frame.channel)?.active) {
-            record(self.name, "wiredup", { ch: frame.channel, id: frame.id });
-          }
+          if (!self.client._channels.get(frame.channel)?.active) return;
+          if (!wire.has(frame.channel)) wire.set(frame.channel, new Set());
+          const seen = wire.get(frame.channel);
+          if (seen.has(frame.id)) record(self.name, "wiredup", { ch: frame.channel, id: frame.id });
+          seen.add(frame.id);
         });
       }
     }

@@ -53,6 +53,7 @@ class SoakClient:
         self.record = record
         self.rng = rng
         self.delivered: dict[str, set[str]] = {}
+        self.wire: dict[str, set[Any]] = {}  # ids per channel on the current connection
         self.changed = asyncio.Event()
         self._since: dict[str, str | None] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -75,17 +76,21 @@ class SoakClient:
         original = self.client._on_message
 
         async def on_message(frame: dict[str, Any]) -> None:
-            channel = frame.get("channel")
-            seen = self.delivered.get(str(channel))
-            if seen is not None and frame.get("id") in seen:
-                sub = self.client._subs.get(str(channel))
-                if sub is not None and sub.active:
+            # The contract: a connection gets each message at most once.
+            channel = str(frame.get("channel"))
+            sub = self.client._subs.get(channel)
+            if sub is not None and sub.active:
+                seen = self.wire.setdefault(channel, set())
+                if frame.get("id") in seen:
                     self.record(self.name, "wiredup", ch=channel, id=frame.get("id"))
+                seen.add(frame.get("id"))
             await original(frame)
 
         self.client._on_message = on_message  # type: ignore[method-assign]
 
     def _on_state(self, detail: dict[str, Any]) -> None:
+        if detail.get("state") == "open":
+            self.wire = {}
         self.record(self.name, "state", state=detail.get("state"), code=detail.get("code"))
 
     def _remember_since(self, detail: dict[str, Any]) -> None:
