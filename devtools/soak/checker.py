@@ -48,6 +48,9 @@ Event = Mapping[str, Any]
 # Faults that can leave a pod behind the others (its stream broken, stalled or refused): a
 # recovery on that pod may then wait for an id it has not got and answer `recovered: false`.
 STREAM_FAULTS = ("close_streams", "unavailable", "stall")
+# Faults after which a pod may be behind the others: stream faults, and a new pod in a killed or
+# drained one's place (warm starting).
+BEHIND_FAULTS = (*STREAM_FAULTS, "kill_pod", "drain_pod")
 # How long after a stream fault ends a pod may still be catching up: the pump's reopen backoff
 # (30 s at most) plus a deaf pod's detection.
 STREAM_FAULT_TAIL_MS = 45_000
@@ -203,13 +206,23 @@ def check(
         had = got[(stretch.client, stretch.channel, stretch.membership)]
         violations.extend(_check_stretch(stretch, messages, orders, index, seen_ts, faults, had))
 
-    # 3. Every recovered: false explained.
+    # 3. Every recovered: false explained. When each pod first handed each message to any of
+    # its clients: a pod that answers `recovered: false` for an id it had is not behind.
+    pod_first: dict[str, dict[str, float]] = defaultdict(dict)
+    for events in clients.values():
+        for event in events:
+            pod = event.get("pod")
+            if event["e"] == "msg" and pod:
+                first = pod_first[pod]
+                t = float(event["t"])
+                if t < first.get(event["id"], float("inf")):
+                    first[event["id"]] = t
     counts: dict[str, int] = defaultdict(int)
     for rec in recoveries:
         if rec.recovered:
             counts["true"] += 1
             continue
-        cause = _explain(rec, messages, orders, index, seen_ts, faults, marks, settings)
+        cause = _explain(rec, messages, orders, index, seen_ts, faults, marks, settings, pod_first)
         counts[f"false:{cause or 'unexplained'}"] += 1
         if cause is None:
             violations.append(
@@ -512,6 +525,7 @@ def _explain(
     faults: Sequence[Mapping[str, Any]],
     marks: Sequence[Mapping[str, Any]],
     settings: Settings,
+    pod_first: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str | None:
     since_ms = _position_ms(rec.since, messages, seen_ts)
     t = rec.t_ms
@@ -535,6 +549,18 @@ def _explain(
             continue
         if low <= float(mark["t"]) <= t + CLOCK_EPSILON_MS:
             return f"pod_{mark['kind']}"
+    observed = (pod_first or {}).get(rec.pod or "", {})
+    if rec.since is not None and rec.since in messages and observed:
+        # The answering pod's own clients show when it had the position's message.
+        had_at = observed.get(rec.since)
+        if had_at is not None and had_at <= t - CLOCK_EPSILON_MS:
+            return None  # it had it, marked no break: nothing explains a false
+        for fault in faults:
+            start = float(fault["start_ms"])
+            end = float(fault.get("end_ms") or start) + STREAM_FAULT_TAIL_MS
+            if fault.get("kind") in BEHIND_FAULTS and start <= t <= end:
+                return f"pod_behind_after_{fault['kind']}"
+        return None
     for fault in faults:
         if fault.get("kind") not in STREAM_FAULTS:
             continue

@@ -188,8 +188,8 @@ def _worker(
 
 
 def load_records(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
-    """Every client's events in order, each `subd` given the pod that answered it (the pod the
-    connection named next, before it closed)."""
+    """Every client's events in order, each `subd` and `msg` given the pod that served it (the
+    pod the connection named next, before it closed; a socket.io CONNECT names its pod)."""
     clients: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in paths:
         if not path.exists():
@@ -208,7 +208,7 @@ def load_records(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
         pod: str | None = None
         for event in events:
             kind = event["e"]
-            if kind == "pod":
+            if kind == "pod" or (kind == "sio" and event.get("pod")):
                 pod = event.get("pod")
                 for waiting in pending:
                     waiting["pod"] = pod
@@ -217,7 +217,7 @@ def load_records(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
                 if event.get("state") != "open":
                     pending.clear()
                 pod = None
-            elif kind == "subd" and not event.get("pod"):
+            elif kind in ("subd", "msg") and not event.get("pod"):
                 if pod is not None:
                     event["pod"] = pod
                 else:

@@ -194,7 +194,15 @@ class SioClient extends Base {
         record(this.name, "pod", { pod: this.pod });
       });
     };
-    socket.io.on("open", watch);
+    // Every Engine.IO connection names its pod in its handshake: watch each new engine as soon
+    // as the manager creates it (as tests/socketio/driver.mjs does).
+    const manager = socket.io;
+    const open = manager.open.bind(manager);
+    manager.open = manager.connect = (fn) => {
+      const result = open(fn);
+      watch();
+      return result;
+    };
     watch();
     for (const room of channels) this.wanted.set(room, { position: null, joined: false, asked: false });
     socket.on("connect", () => {

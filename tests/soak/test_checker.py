@@ -241,3 +241,30 @@ def test_a_message_already_had_before_a_recovered_false_needs_no_second_copy():
     # a second copy across the two stretches is still a duplicate
     events = life(messages, ["a", "b", "c", "b", "d"], gaps={3: ("c", "a")})
     assert kinds(check(messages, {"c1": events}, faults=faults)) == ["duplicate"]
+
+
+def test_a_pod_that_had_the_position_cannot_blame_a_fault():
+    """The answering pod's own clients show whether it had the position's message: a pod behind
+    after a fault is explained, one that had it is not (whatever the faults around)."""
+    messages = published("a", "b", "c", "d")
+    events = life(messages, ["a", "b", "d"], gaps={2: ("b", "c")})  # answered by pod s2
+    t_false = ts_of("c", messages) - 1
+    fault = [{"kind": "close_streams", "start_ms": t_false - 1000, "end_ms": t_false - 900}]
+
+    def watcher(b_at: float) -> list[dict[str, Any]]:
+        return [
+            {"e": "join", "ch": CH, "t": 0},
+            {"e": "subd", "ch": CH, "pos": "@0", "rec": None, "t": 1, "pod": "s2"},
+            *(
+                {"e": "msg", "ch": CH, "id": m, "ts": ts_of(m, messages), "t": at, "pod": "s2"}
+                for m, at in (("a", ts_of("a", messages)), ("b", b_at))
+            ),
+            {"e": "end", "drained": False, "t": 99_999},
+        ]
+
+    late = check(messages, {"c1": events, "w": watcher(t_false + 500)}, faults=fault)
+    assert late.ok and late.recoveries == {"false:pod_behind_after_close_streams": 1}
+    had = check(messages, {"c1": events, "w": watcher(t_false - 500)}, faults=fault)
+    assert kinds(had) == ["unexplained_gap"]
+    alone = check(messages, {"c1": events, "w": watcher(t_false + 500)})
+    assert kinds(alone) == ["unexplained_gap"]  # behind with no fault around: a finding
