@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=16.0, help="messages a second, in all")
     parser.add_argument("--fault-gap", type=float, default=12.0, help="mean seconds between faults")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--recheck", type=Path, default=None, help="judge a finished run again")
     return parser.parse_args(argv)
 
 
@@ -367,20 +368,36 @@ async def soak(args: argparse.Namespace) -> int:
         if time.monotonic() > left_deadline or not any(report["leftovers"].values()):
             break
         await asyncio.sleep(0.2)
-    say("checking ...")
-    clients = load_records([w.out_path for w in workers])
-    marks = pod_marks(report["pods"])
-    result = checker.check(
-        messages, clients, report["faults"], marks, checker.Settings(history_size=1000)
-    )
-    report["marks"] = marks
     report["clients"] = {
         "total": args.clients,
         "py": len(specs["py"]),
         "browser": len(specs["browser"]),
         "sio": len(specs["sio"]),
         "channels": len(channels),
+        "records": [str(w.out_path) for w in workers],
     }
+    judge(report, messages)
+    report["wall_s"] = time.monotonic() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    report["cpu_s"] = {
+        "children": round(
+            cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime, 1
+        ),
+        "runner": round(own.ru_utime + own.ru_stime, 1),
+    }
+    return write_report(report, out)
+
+
+def judge(report: dict[str, Any], messages: dict[str, checker.Msg]) -> None:
+    """The checker on a run's records; its results into the report."""
+    say("checking ...")
+    clients = load_records([Path(p) for p in report["clients"]["records"]])
+    marks = pod_marks(report["pods"])
+    result = checker.check(
+        messages, clients, report["faults"], marks, checker.Settings(history_size=1000)
+    )
+    report["marks"] = marks
     report["check"] = {
         "deliveries": result.deliveries,
         "stretches": result.stretches,
@@ -391,15 +408,10 @@ async def soak(args: argparse.Namespace) -> int:
     }
     report["violations"] = [v.as_dict() for v in result.violations]
     report["timeline"] = timeline(clients, report["load_started_ms"], report["load_ended_ms"])
-    report["wall_s"] = time.monotonic() - started
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    report["cpu_s"] = {
-        "children": round(
-            cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime, 1
-        ),
-        "runner": round(own.ru_utime + own.ru_stime, 1),
-    }
+
+
+def write_report(report: dict[str, Any], out: Path) -> int:
+    seed = report["seed"]
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "timeline.svg").write_text(svg(report))
     text = table(report)
@@ -414,8 +426,20 @@ async def soak(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def recheck(out: Path) -> int:
+    """The checker and the report again, on a finished run's records (e.g. after a checker
+    change): `python -m devtools.soak --recheck DIR`."""
+    report = json.loads((out / "report.json").read_text())
+    report["clients"].setdefault("records", sorted(str(p) for p in out.glob("*clients-*.jsonl")))
+    messages, _ = messages_from_log(out / "publish.jsonl")
+    judge(report, messages)
+    return write_report(report, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.recheck is not None:
+        return recheck(args.recheck)
     try:
         import uvloop
 
