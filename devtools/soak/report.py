@@ -184,7 +184,14 @@ def table(report: Mapping[str, Any]) -> str:
     """The short table printed at the end and shown in the README."""
     rows: list[tuple[str, str]] = []
     rows.append(("seed", str(report["seed"])))
-    rows.append(("load", f"{report['seconds']} s; wall {report['wall_s']:.0f} s"))
+    cpu = report.get("cpu_s", {})
+    rows.append(
+        (
+            "load",
+            f"{report['seconds']:g} s; wall {report['wall_s']:.0f} s; CPU "
+            f"{cpu.get('children', 0) + cpu.get('runner', 0):.0f} s (every process started)",
+        )
+    )
     c = report["clients"]
     rows.append(
         (

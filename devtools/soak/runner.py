@@ -151,6 +151,25 @@ def messages_from_log(path: Path) -> tuple[dict[str, checker.Msg], dict[str, Any
     return messages, stats
 
 
+def cpu_by_group(pgids: dict[int, str]) -> dict[str, float]:
+    """CPU seconds (user + system) of every live process in the given process groups, by the
+    group's name: what each part cost (the JVM of the emulator included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            pgid, utime, stime = int(fields[2]), int(fields[11]), int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+        if pgid in pgids:
+            name = pgids[pgid]
+            totals[name] = round(totals.get(name, 0.0) + (utime + stime) / tick, 1)
+    return totals
+
+
 def leftovers(pgids: list[int], ports: list[int]) -> dict[str, list[Any]]:
     """Processes still in any group we started, and ports still listening."""
     alive: list[dict[str, Any]] = []
@@ -342,6 +361,19 @@ async def soak(args: argparse.Namespace) -> int:
         ]
     finally:
         publish_log.close()
+        groups = {w.pid: w.name for w in workers if w.pid}
+        if proxy is not None:
+            groups[proxy.popen.pid] = "tcpproxy"
+        for process in (
+            cluster.emulator.process,
+            cluster.api.process,
+            *(s.process for s in cluster.sockets),
+            *([cluster.strict.process] if cluster.strict else []),
+            *([cluster.lb.process] if cluster.lb else []),
+        ):
+            if process.popen is not None:
+                groups[process.popen.pid] = process.name.split("-")[0]
+        report["cpu_live_at_end_s"] = cpu_by_group(groups)
         say("stopping everything ...")
         for worker in workers:
             if worker.pid:
