@@ -515,6 +515,7 @@ class StandIn:
             )
         undelivered: list[str] = []
         held: tuple[Any, ...] | None = None  # taken from the queue, held back by a stall
+        parked: list[tuple[Any, ...]] = []  # queued behind it when a close ended the stall
         try:
             while True:
                 if sub is not None and sub.replay:
@@ -524,7 +525,16 @@ class StandIn:
                 if stream.stalled and event[0] != "close":
                     held = event
                     await stream.unstalled.wait()
-                    held = None
+                    if stream.stalled:
+                        # Woken by a close, not an unstall: what the stall held back never went
+                        # out (a partitioned stream that dies delivers nothing); the close comes
+                        # next and `finally` gives it all back to the emulator, in order.
+                        while event[0] != "close":
+                            event = await stream.events.get()
+                            if event[0] != "close":
+                                parked.append(event)
+                    else:
+                        held = None
                 kind = event[0]
                 if kind == "response":
                     stream.pending -= event[2]
@@ -554,7 +564,7 @@ class StandIn:
             # nacking only the queue would let the emulator hand the held (older) messages out
             # after the deadline, behind later messages of the same ordering key, which the
             # real service never does.
-            pending = [held] if held is not None else []
+            pending = ([held] if held is not None else []) + parked
             while not stream.events.empty():
                 pending.append(stream.events.get_nowait())
             for event in pending:
