@@ -49,7 +49,7 @@ def timeline(
     level = 0
     i = 0
     for b in range(buckets):
-        edge = start_ms + (b + 1) * BUCKET_S * 1000
+        edge = min(end_ms, start_ms + (b + 1) * BUCKET_S * 1000)
         while i < len(changes) and changes[i][0] <= edge:
             level += changes[i][1]
             i += 1
