@@ -70,6 +70,10 @@ class Publisher:
                 gap = self._random.expovariate(self.plan.rate_per_s / self._mean_size())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), gap)
+            # A last message on each of its channels, once the clients are calm (no more joins):
+            # every client in a channel must get every publisher's last one.
+            for channel in self.plan.channels:
+                await self._send(http, [self._item(channel)])
 
     def _mean_size(self) -> float:
         return 1 + self.plan.batch_share * 2.5
@@ -78,20 +82,17 @@ class Publisher:
         count = 1
         if self._random.random() < self.plan.batch_share:
             count = self._random.randint(2, 5)
-        items = []
-        for _ in range(count):
-            channel = self._random.choice(self.plan.channels)
-            seq = self._seq[channel]
-            self._seq[channel] = seq + 1
-            items.append(
-                {
-                    "channel": channel,
-                    "id": f"{self.plan.name}-{uuid.uuid4().hex[:16]}",
-                    "seq": seq,
-                    "data": {"p": self.plan.name, "n": seq},
-                }
-            )
-        return items
+        return [self._item(self._random.choice(self.plan.channels)) for _ in range(count)]
+
+    def _item(self, channel: str) -> dict[str, Any]:
+        seq = self._seq[channel]
+        self._seq[channel] = seq + 1
+        return {
+            "channel": channel,
+            "id": f"{self.plan.name}-{uuid.uuid4().hex[:16]}",
+            "seq": seq,
+            "data": {"p": self.plan.name, "n": seq},
+        }
 
     async def _send(self, http: httpx.AsyncClient, items: list[dict[str, Any]]) -> None:
         """One request, sent again with the same ids until a 202 (or the retry deadline)."""
@@ -156,11 +157,12 @@ class Publisher:
 
 
 def plans(channels: list[str], count: int, total_rate: float, seed: int) -> list[PublisherPlan]:
-    """`count` publishers on overlapping channel sets (every channel has at least one)."""
+    """`count` publishers on overlapping channel sets: every channel has one of its own (dealt
+    round), and each publisher two more drawn from the seed (channels with several)."""
     rng = random.Random(seed)
     result = []
     for i in range(count):
-        own = {channels[i % len(channels)], channels[(i + 1) % len(channels)]}
+        own = {c for j, c in enumerate(channels) if j % count == i}
         own.update(rng.sample(channels, k=min(len(channels), 2)))
         result.append(
             PublisherPlan(
