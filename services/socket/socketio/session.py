@@ -29,8 +29,9 @@ from services.core.auth import Claims, InvalidToken, verify_token
 from services.core.broker import BrokerBusy, BrokerUnavailable, OutgoingMessage
 from services.core.channels import is_valid_channel
 from services.core.closecodes import CloseCode
-from services.core.envelope import Envelope, dumps
+from services.core.envelope import Envelope
 from services.core.ids import new_message_id
+from services.core.messages import InvalidData, encode_data
 from services.socket.guards import Flood, FloodGuard, TokenExpiry
 from services.socket.history import Entry
 from services.socket.socketio.engine import EngineSession
@@ -422,13 +423,11 @@ class SioSession(EngineSession):
             server.publishes.labels("forbidden").inc()
             raise Refused("forbidden", "the token may not publish to this room", room)
         try:
-            encoded = dumps(data)
-        except (TypeError, ValueError):  # pragma: no cover - JSON from the client re-encodes
-            raise Refused("bad_request", "data cannot be encoded as JSON", room) from None
-        limit = server.settings.max_message_bytes
-        if len(encoded) > limit:
+            encoded = encode_data(data, server.settings.max_message_bytes)
+        except InvalidData as exc:  # the same rules as the api's
             server.publishes.labels("rejected").inc()
-            raise Refused("too_large", f"data is {len(encoded)} bytes; the limit is {limit}", room)
+            code = "too_large" if exc.reason == "too_large" else "bad_request"
+            raise Refused(code, exc.detail, room) from None
         envelope = Envelope(new_message_id(), room, orjson.Fragment(encoded), _now_ms(), self.sub)
         # Tasks start in creation order, so the broker sees publishes in the order they came.
         server.track(asyncio.get_running_loop().create_task(self._publish(envelope, ack_id)))
