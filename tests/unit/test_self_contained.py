@@ -1,7 +1,7 @@
 """The checkout is self-contained: no tracked file links or reads a sibling folder of the repo.
 
-A fresh clone must test everything by itself; a link to `../shared` (docs, schemas) worked only
-where someone had that folder next to the repository.
+A fresh clone must test everything by itself; a link into a folder beside the repository (docs,
+schemas) worked only where someone had that folder.
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIBLING = "shared"  # spelled apart so this file does not match itself
-FORBIDDEN = (f"../{SIBLING}", f"{SIBLING}/k8s-crds", f"{SIBLING}/CONTRACT", "PUBSOCK_SHARED_DIR")
+FORBIDDEN = (
+    f"../{SIBLING}",
+    f"{SIBLING}/k8s-crds",
+    f"{SIBLING}/CONTRACT",
+    f"PUBSOCK_{SIBLING.upper()}_DIR",
+)
 SKIPPED_SUFFIXES = {".png", ".jpg", ".ico"}
 SKIPPED_DIRS = {".git", ".venv", "node_modules", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
