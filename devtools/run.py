@@ -3,18 +3,28 @@
 The Pub/Sub emulator (topic with retention), one api, two socket pods and HAProxy in front with
 cookie affinity, as the Google load balancer does on GKE. Without the emulator: one process with
 BROKER=memory. Ports: LB_PORT, API_PORT, SOCKET_PORTS, EMULATOR_PORT.
+
+Stopping: SIGINT and SIGTERM are read, never handled (devtools/lifetime.py), at any point, as
+often as they come; a stop while starting undoes the start. Every child dies with this process,
+even when it is SIGKILLed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import threading
 
-from devtools.cluster import ClusterConfig, LocalCluster, emulator_available, port_open
+from devtools.cluster import (
+    ClusterConfig,
+    Interrupted,
+    LocalCluster,
+    emulator_available,
+    port_open,
+)
+from devtools.lifetime import StopSignals, die_with_parent
 
 DEMO_KEY = f"demo-key-{secrets.token_hex(8)}"
 DEMO_ENV = {
@@ -36,21 +46,21 @@ def _ports() -> tuple[int, int, tuple[int, ...], int]:
     return lb, api, sockets, emulator
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+def _say(text: str) -> None:
+    """Prints; a supervisor that closed our output must not keep us from stopping."""
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
 
 
 def main() -> int:
+    stop = StopSignals()  # first: every child and thread inherits the blocked signals
     lb_port, api_port, socket_ports, emulator_port = _ports()
     busy = [p for p in (lb_port, api_port, *socket_ports, emulator_port) if port_open(p)]
     if busy:
-        print(f"ports already in use: {busy}; set LB_PORT, API_PORT, SOCKET_PORTS, EMULATOR_PORT")
+        _say(f"ports already in use: {busy}; set LB_PORT, API_PORT, SOCKET_PORTS, EMULATOR_PORT")
         return 1
     if not emulator_available():
-        return run_memory(api_port, socket_ports[0])
+        return run_memory(stop, api_port, socket_ports[0])
     config = ClusterConfig(
         api_port=api_port,
         socket_ports=socket_ports,
@@ -59,10 +69,15 @@ def main() -> int:
         extra_env=DEMO_ENV,
     )
     cluster = LocalCluster(config)
-    print("starting the Pub/Sub emulator, the api, socket pods and the load balancer ...")
-    cluster.start()
-    print(
-        f"""
+    _say("starting the Pub/Sub emulator, the api, socket pods and the load balancer ...")
+    try:
+        cluster.start(abort=stop.requested)
+    except Interrupted:
+        _say("stopped before everything was up")
+        return 0
+    try:
+        _say(
+            f"""
 pubsock is running (logs in {cluster.work_dir})
   demo page        http://127.0.0.1:{lb_port}/          (open it in two tabs)
   publish API      http://127.0.0.1:{lb_port}/v1/...    (docs: http://127.0.0.1:{api_port}/docs)
@@ -73,20 +88,18 @@ pubsock is running (logs in {cluster.work_dir})
   try it           curl -H 'Authorization: Bearer {DEMO_KEY}' \\
                      -H 'Content-Type: application/json' -d '{{"data": {{"text": "hi"}}}}' \\
                      http://127.0.0.1:{lb_port}/v1/channels/demo:lobby/messages
-Ctrl-C stops everything.""",
-        flush=True,
-    )
-    try:
-        _wait_for_signal()
+Ctrl-C stops everything."""
+        )
+        stop.wait()
     finally:
-        print("stopping ...", flush=True)
+        _say("stopping ...")
         cluster.stop()
-        print("stopped", flush=True)
+        _say("stopped")
     return 0
 
 
-def run_memory(api_port: int, socket_port: int) -> int:
-    print("the Pub/Sub emulator is not installed: running one process with BROKER=memory")
+def run_memory(stop: StopSignals, api_port: int, socket_port: int) -> int:
+    _say("the Pub/Sub emulator is not installed: running one process with BROKER=memory")
     env = {
         **os.environ,
         **DEMO_ENV,
@@ -96,15 +109,21 @@ def run_memory(api_port: int, socket_port: int) -> int:
         "SOCKET_PORT": str(socket_port),
         "PUBLIC_API_URL": f"http://127.0.0.1:{api_port}",
     }
-    child = subprocess.Popen([sys.executable, "-m", "devtools.single"], env=env)
-    print(
+    child = subprocess.Popen(
+        [sys.executable, "-m", "devtools.single"], env=env, preexec_fn=die_with_parent()
+    )
+    _say(
         f"  demo page http://127.0.0.1:{socket_port}/   publish API http://127.0.0.1:{api_port}/v1/"
     )
     try:
-        _wait_for_signal()
+        stop.wait()
     finally:
-        child.send_signal(signal.SIGTERM)
-        child.wait(30)
+        child.terminate()
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
     return 0
 
 
