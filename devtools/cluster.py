@@ -373,7 +373,12 @@ class ClusterConfig:
     socket_ports: tuple[int, ...] = (8081, 8082)
     lb_port: int = 8000
     emulator_port: int = 8085
+    # Over the environment (tests pin their settings with it).
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Under it: only where the environment does not set them (make run's demo values).
+    default_env: dict[str, str] = field(default_factory=dict)
+    # The retention the topic is created with; the socket pods are told (TOPIC_RETENTION_S).
+    topic_retention_s: int = TOPIC_RETENTION_S
     socket_env: dict[str, str] = field(default_factory=dict)
     api_env: dict[str, str] = field(default_factory=dict)
     with_lb: bool = True
@@ -388,6 +393,7 @@ class LocalCluster:
         self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="pubsock-"))
         self.emulator = Emulator(config.emulator_port, self.work_dir)
         base = {
+            **config.default_env,
             **os.environ,
             "BROKER": "pubsub",
             "PUBSUB_EMULATOR_HOST": self.emulator.host,
@@ -413,7 +419,7 @@ class LocalCluster:
                     **base,
                     "PORT": str(port),
                     "POD_NAME": f"socket-{i}",
-                    "TOPIC_RETENTION_S": str(TOPIC_RETENTION_S),
+                    "TOPIC_RETENTION_S": str(config.topic_retention_s),
                     **config.socket_env,
                 },
                 self.work_dir,
@@ -443,7 +449,7 @@ class LocalCluster:
         is true, what was started is stopped again."""
         try:
             self.emulator.start(abort=abort)
-            self.emulator.create_topic()
+            self.emulator.create_topic(retention_s=self.config.topic_retention_s)
             for service in (self.api, *self.sockets):
                 if abort():
                     raise Interrupted("stopped while starting the services")

@@ -1,5 +1,6 @@
 """`make run` for real, in its own process group on free ports, as a supervisor or a terminal
-runs it: every way of stopping it leaves no process and no open port behind (SIGTERM to the group twice, as GNU make forwards it; SIGINT again and again;
+runs it: it honours the user's settings, and every way of stopping it leaves no process and no
+open port behind (SIGTERM to the group twice, as GNU make forwards it; SIGINT again and again;
 a signal while it is still starting; SIGKILL, which the children must not outlive).
 """
 
@@ -7,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import jwt
 import pytest
 
 from devtools.cluster import free_port, port_open, wait_until
@@ -186,6 +190,39 @@ def make_run(tmp_path: Path) -> Iterator[type[MakeRun]]:
     yield factory  # type: ignore[misc]
     for run in runs:
         run.kill_leftovers()
+
+
+def test_user_settings_win_over_the_demo_defaults(make_run):
+    """A user's key publishes (202), the user's TOKEN_SECRET signs the demo tokens, the user's
+    ALLOWED_ORIGINS refuses another origin; the output names them but never prints them."""
+    key, secret = f"my-key-{secrets.token_hex(8)}", f"my-secret-{secrets.token_hex(16)}"
+    run = make_run(API_KEYS=key, TOKEN_SECRET=secret, ALLOWED_ORIGINS="http://mine.example")
+    run.wait_up()
+    with httpx.Client(base_url=run.lb_url, timeout=10) as http:
+        published = http.post(
+            "/v1/channels/demo:mine/messages",
+            json={"data": {"text": "hi"}},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert published.status_code == 202, published.text
+        assert http.post("/v1/channels/demo:mine/messages", json={"data": 1}).status_code == 401
+        demo = http.post("/demo/token", json={"name": "ann"})
+        assert demo.status_code == 200, demo.text
+        assert jwt.decode(demo.json()["token"], secret, algorithms=["HS256"])["sub"] == "ann"
+        handshake = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        token = demo.json()["token"]
+        other = http.get(f"/ws?token={token}", headers={**handshake, "Origin": "http://x.example"})
+        assert other.status_code == 403, other.text
+    output = run.output()
+    assert key not in output and secret not in output
+    assert "your API_KEYS" in output and "your TOKEN_SECRET" in output
+    run.signal(signal.SIGTERM)
+    run.assert_stopped_cleanly()
 
 
 def test_sigterm_twice_to_the_group(make_run):
