@@ -12,7 +12,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -65,19 +65,14 @@ class MakeRun:
     """One `make run` in a process group of its own, its output in a file."""
 
     def __init__(self, log: Path, **env: str) -> None:
-        self.ports = {
-            "LB_PORT": free_port(),
-            "API_PORT": free_port(),
-            "SOCKET_PORTS": (free_port(), free_port()),
-            "EMULATOR_PORT": free_port(),
-        }
-        base = {k: v for k, v in os.environ.items() if k not in MAKE_VARIABLES}
+        self.lb_port, self.api_port, self.emulator_port = free_port(), free_port(), free_port()
+        self.socket_ports = (free_port(), free_port())
         self.env = {
-            **base,
-            **{
-                k: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-                for k, v in self.ports.items()
-            },
+            **{k: v for k, v in os.environ.items() if k not in MAKE_VARIABLES},
+            "LB_PORT": str(self.lb_port),
+            "API_PORT": str(self.api_port),
+            "SOCKET_PORTS": ",".join(map(str, self.socket_ports)),
+            "EMULATOR_PORT": str(self.emulator_port),
             **env,
         }
         self.log = log
@@ -86,12 +81,11 @@ class MakeRun:
 
     @property
     def all_ports(self) -> list[int]:
-        lb, api, sockets, emulator = self.ports.values()
-        return [lb, api, *sockets, emulator]  # type: ignore[list-item]
+        return [self.lb_port, self.api_port, *self.socket_ports, self.emulator_port]
 
     @property
     def lb_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['LB_PORT']}"
+        return f"http://127.0.0.1:{self.lb_port}"
 
     def start(self) -> None:
         with self.log.open("wb") as out:
@@ -105,6 +99,10 @@ class MakeRun:
                 start_new_session=True,
             )
 
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -117,13 +115,13 @@ class MakeRun:
         assert self.popen is not None
         try:
             wait_until(
-                lambda: BANNER_END in self.output() or self.popen.poll() is not None,  # type: ignore[union-attr]
+                lambda: BANNER_END in self.output() or not self.running,
                 UP_TIMEOUT_S,
                 "make run to be up",
             )
         except TimeoutError:
             raise AssertionError(f"make run did not come up:\n{self.output()}") from None
-        assert self.popen.poll() is None, f"make run exited:\n{self.output()}"
+        assert self.running, f"make run exited:\n{self.output()}"
         assert all(port_open(p) for p in self.all_ports), self.output()
         self.note_tree()
 
@@ -176,8 +174,11 @@ def _cmdline(proc: Proc) -> str:
         return str(proc[0])
 
 
+StartMakeRun = Callable[..., MakeRun]
+
+
 @pytest.fixture
-def make_run(tmp_path: Path) -> Iterator[type[MakeRun]]:
+def make_run(tmp_path: Path) -> Iterator[StartMakeRun]:
     """Starts `make run`s on free ports (MakeRun(**env)); kills what a failed test leaves."""
     runs: list[MakeRun] = []
 
@@ -187,12 +188,12 @@ def make_run(tmp_path: Path) -> Iterator[type[MakeRun]]:
         run.start()
         return run
 
-    yield factory  # type: ignore[misc]
+    yield factory
     for run in runs:
         run.kill_leftovers()
 
 
-def test_user_settings_win_over_the_demo_defaults(make_run):
+def test_user_settings_win_over_the_demo_defaults(make_run: StartMakeRun) -> None:
     """A user's key publishes (202), the user's TOKEN_SECRET signs the demo tokens, the user's
     ALLOWED_ORIGINS refuses another origin; the output names them but never prints them."""
     key, secret = f"my-key-{secrets.token_hex(8)}", f"my-secret-{secrets.token_hex(16)}"
@@ -225,7 +226,7 @@ def test_user_settings_win_over_the_demo_defaults(make_run):
     run.assert_stopped_cleanly()
 
 
-def test_sigterm_twice_to_the_group(make_run):
+def test_sigterm_twice_to_the_group(make_run: StartMakeRun) -> None:
     """A supervisor's SIGTERM to the group, at once again (make forwards each to its child)."""
     run = make_run()
     run.wait_up()
@@ -234,23 +235,21 @@ def test_sigterm_twice_to_the_group(make_run):
     run.assert_stopped_cleanly()
 
 
-def test_sigint_again_and_again(make_run):
+def test_sigint_again_and_again(make_run: StartMakeRun) -> None:
     """Ctrl-C held down: SIGINT to the group as fast as it can be sent, for half a second."""
     run = make_run()
     run.wait_up()
     deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline and run.popen.poll() is None:
+    while time.monotonic() < deadline and run.running:
         run.signal(signal.SIGINT)
     run.assert_stopped_cleanly()
 
 
-def test_sigterm_while_starting(make_run):
+def test_sigterm_while_starting(make_run: StartMakeRun) -> None:
     """Stopped halfway through its start (the emulator up, the rest not yet): nothing stays."""
     run = make_run()
-    emulator = run.ports["EMULATOR_PORT"]
-    wait_until(
-        lambda: port_open(emulator) or run.popen.poll() is not None, UP_TIMEOUT_S, "the emulator"
-    )
+    emulator = run.emulator_port
+    wait_until(lambda: port_open(emulator) or not run.running, UP_TIMEOUT_S, "the emulator")
     run.note_tree()
     assert BANNER_END not in run.output()
     run.signal(signal.SIGTERM)
@@ -259,7 +258,7 @@ def test_sigterm_while_starting(make_run):
     assert BANNER_END not in run.output()  # it stopped the start, not a finished cluster
 
 
-def test_sigkill_takes_every_child_along(make_run):
+def test_sigkill_takes_every_child_along(make_run: StartMakeRun) -> None:
     """SIGKILL to make run's group: its children (the emulator's JVM too) die with it."""
     run = make_run()
     run.wait_up()

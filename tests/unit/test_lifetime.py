@@ -64,7 +64,7 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_a_storm_of_signals_is_read_once(python):
+def test_a_storm_of_signals_is_read_once(python: list[subprocess.Popen[str]]) -> None:
     """Thousands of SIGINTs and SIGTERMs: one is taken, the rest are ignored, exit 0."""
     proc = start(python, WAITER)
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
@@ -78,7 +78,7 @@ def test_a_storm_of_signals_is_read_once(python):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_child_dies_with_its_sigkilled_parent(python):
+def test_a_child_dies_with_its_sigkilled_parent(python: list[subprocess.Popen[str]]) -> None:
     proc = start(python, PARENT)
     assert proc.stdout is not None
     child = int(proc.stdout.readline())

@@ -39,7 +39,7 @@ def tracked_files() -> list[Path]:
     ]
 
 
-def test_no_file_points_outside_the_checkout():
+def test_no_file_points_outside_the_checkout() -> None:
     found = []
     for path in tracked_files():
         if path.suffix in SKIPPED_SUFFIXES or not path.is_file():
