@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -156,7 +158,8 @@ class MakeRun:
         return time.monotonic() - started
 
     def kill_leftovers(self) -> None:
-        """Whatever a failed test left: SIGKILL to make's group and to every process noted."""
+        """Whatever a test left: SIGKILL to make's group and to every process noted, and the
+        log folder that a killed make run could not remove."""
         self.signal(signal.SIGKILL)
         for proc in self.tree:
             if alive(proc):
@@ -165,6 +168,9 @@ class MakeRun:
         if self.popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(10)
+        logs = re.search(r"logs in (\S+)\)", self.output())
+        if logs is not None and Path(logs[1]).name.startswith("pubsock-"):
+            shutil.rmtree(logs[1], ignore_errors=True)
 
 
 def _cmdline(proc: Proc) -> str:
