@@ -247,7 +247,7 @@ class SocketIOServer:
             keep_alive=request.keep_alive,
         )
 
-    def handle(self, connection: Connection, request: Request, head: bytes) -> bytes | None:
+    def handle(self, connection: Connection, request: Request) -> bytes | None:
         """One HTTP request under the socket.io path: bytes to answer now, or None when the
         request is held (a long poll) or the connection became a websocket."""
         if request.path not in (self.path, self.prefix):
@@ -283,7 +283,7 @@ class SocketIOServer:
             if transport == "websocket":
                 if not upgrade or session.ws is not None:
                     return self.error_response(request, 400, BAD_REQUEST)
-                connection.upgrade_with(request, head, self._probe_factory(session))
+                connection.upgrade_with(request, self._probe_factory(session))
                 return None
             if session.ws is not None:
                 return self.error_response(request, 400, BAD_REQUEST, "transport mismatch")
@@ -303,7 +303,7 @@ class SocketIOServer:
             return self.error_response(request, 503, BAD_REQUEST, message, {"Retry-After": "5"})
         query_token = request.query_value("token")
         if transport == "websocket":
-            connection.upgrade_with(request, head, self._websocket_factory(query_token))
+            connection.upgrade_with(request, self._websocket_factory(query_token))
             return None
         session = self._new_session(query_token)
         return self.polling_response(request, self._open_packet(session, ["websocket"]))
