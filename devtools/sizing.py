@@ -343,6 +343,12 @@ class Sizing:
         return billed * SECONDS_PER_MONTH / GIB
 
     @property
+    def egress_gib_month(self) -> float:
+        """Websocket frames to the clients (internet egress, not priced here)."""
+        frame = frame_bytes(self.body_bytes)
+        return self.workload.deliveries_per_s * frame * SECONDS_PER_MONTH / GIB
+
+    @property
     def pubsub_cost(self) -> float:
         stored_gib = (self.pubsub.publish + self.pubsub.presence_publish) * (
             self.workload.retention_s / GIB
@@ -589,7 +595,7 @@ TABLE_RULE = "|" + " --- |" * 12
 
 def table_row(r: Sizing) -> str:
     w = r.workload
-    cells = [_n(w.connections), _n(w.messages_per_s), f"{w.fanout:g}", _n(w.deliveries_per_s)]
+    cells = [_n(w.connections), _n(w.messages_per_s), f"{w.fanout:,g}", _n(w.deliveries_per_s)]
     if not r.feasible:
         return "| " + " | ".join([*cells, "does not fit (ceiling)", *["-"] * 7]) + " |"
     cells += [
@@ -611,7 +617,7 @@ def describe(r: Sizing, bench: BenchFigures, s: PodSettings) -> list[str]:
     by_cpu = "none fits" if r.pods_by_cpu is None else f"{r.pods_by_cpu:,}"
     util = w.target_utilization
     lines = [
-        f"{_n(w.connections)} connections, {_n(w.messages_per_s)} msg/s, fanout {w.fanout:g}:",
+        f"{_n(w.connections)} connections, {_n(w.messages_per_s)} msg/s, fanout {w.fanout:,g}:",
         f"  pods = max(connections {_n(w.connections)} / ({s.max_connections:,} x {util:g}) -> "
         f"{r.pods_by_connections:,}, CPU -> {by_cpu}, "
         f"deliveries / {_n(bench.max_deliveries_s)} -> {r.pods_by_deliveries:,}, "
@@ -641,6 +647,8 @@ def describe(r: Sizing, bench: BenchFigures, s: PodSettings) -> list[str]:
         f"  limits: one pod's StreamingPull {v.per_pod_stream / 1e6:.2f} MB/s (10 MB/s per "
         f"stream); a channel at most {_n(ORDERING_KEY_MAX_BYTES_S / r.message_bytes)} msg/s "
         f"(1 MB/s per ordering key); {r.pods:,} of {SUBSCRIPTIONS_PER_TOPIC:,} subscriptions",
+        f"  not priced: websocket egress to the clients, {_n(w.deliveries_per_s)} deliveries/s x "
+        f"{frame_bytes(r.body_bytes)} B = {r.egress_gib_month / 1024:,.1f} TiB/month",
     ]
     lines.extend(f"  ! {note}" for note in r.notes)
     return lines

@@ -187,6 +187,8 @@ def test_pubsub_volume_and_cost() -> None:
     assert r.pubsub_gib_month == pytest.approx(gib)
     storage = (v.publish + v.presence_publish) * 3600 / 2**30 * 0.27
     assert r.pubsub_cost == pytest.approx((gib - 10) / 1024 * 40 + storage)
+    # websocket egress, not priced: 1,000 deliveries/s of a 295-byte frame
+    assert r.egress_gib_month == pytest.approx(1000 * 295 * sizing.SECONDS_PER_MONTH / 2**30)
     # 2 socket pods (1 vCPU, 1 GiB) + 2 api pods (1 vCPU, 1 GiB) + the cluster fee
     assert r.compute_cost == pytest.approx((4 * 0.0445 + 4 * 0.0049225 + 0.10) * 730)
 
