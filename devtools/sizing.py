@@ -44,7 +44,7 @@ STREAMING_PULL_MAX_BYTES_S = 10_000_000  # per stream; a pod opens one (unconfir
 PUBLISH_QUOTA_BYTES_S = 200_000_000  # per region, "large" regions; 50 MB/s in the others
 SUBSCRIPTIONS_PER_TOPIC = 10_000
 
-# -- What `make bench` does not measure (measured ad hoc, docs/scaling.md "Presence") ----------
+# -- What `make bench` does not measure (measured once, docs/scaling.md "What one pod holds") --
 # One (channel, sub) entry of a presence snapshot: a 16-byte channel and a 24-byte sub in the
 # announcement's JSON (services/socket/presence.py `_messages`, 20,000 entries: 69.0 B each).
 PRESENCE_ENTRY_BYTES = 69.0
@@ -308,8 +308,9 @@ class Sizing:
     body_bytes: int
     pods: int
     pods_by_connections: int
-    pods_by_cpu: int | None  # None: no pod count fits (the ingest ceiling)
+    pods_by_cpu: int | None  # the fewest for CPU alone; None: no pod count fits (the ceiling)
     pods_by_deliveries: int
+    fits: bool  # `pods` keeps every pod's CPU within the budget
     cpu: PodCpu
     memory: PodMemory
     vcpu_per_pod: float
@@ -323,7 +324,7 @@ class Sizing:
 
     @property
     def feasible(self) -> bool:
-        return self.pods_by_cpu is not None
+        return self.fits
 
     @property
     def vcpu(self) -> float:
@@ -414,9 +415,11 @@ def size(
     by_deliveries = math.ceil(w.deliveries_per_s / bench.max_deliveries_s)
     start = max(MIN_SOCKET_PODS, by_connections, by_deliveries)
     by_cpu = pods_by_cpu(1, w, s, bench)
-    pods = max(start, by_cpu or 0)
+    # More pods than CPU needs add presence ingest to each: check the final count too.
+    fitted = None if by_cpu is None else pods_by_cpu(max(start, by_cpu), w, s, bench)
+    pods = start if fitted is None else fitted
     cpu, presence = pod_cpu(pods, w, s, bench)
-    if by_cpu is None:
+    if fitted is None:
         notes.append(
             "does not fit: ingest and presence alone exceed a pod's CPU budget "
             f"({(cpu.ingest_us + cpu.presence_us) / cpu.budget_us:.0%}); see the ceiling"
@@ -478,6 +481,7 @@ def size(
         pods_by_connections=by_connections,
         pods_by_cpu=by_cpu,
         pods_by_deliveries=by_deliveries,
+        fits=fitted is not None,
         cpu=cpu,
         memory=memory,
         vcpu_per_pod=vcpu_per_pod,

@@ -162,6 +162,21 @@ def test_the_ingest_ceiling() -> None:
     assert fits.ceiling_messages_per_s == pytest.approx((500_000 - 4_000 - 110) / 50)
 
 
+def test_pods_needed_for_connections_can_break_the_cpu_budget() -> None:
+    # 9,000 msg/s x 50 µs fits a pod, but 2,000 pods (for the connections) announce 2,000
+    # presence messages a second that every pod ingests too: (9,000 + 2,000) x 50 > 500,000.
+    w = workload(
+        connections=10_000_000,
+        messages_per_s=9000.0,
+        fanout=1.0,
+        presence_entries_per_connection=0.0,
+    )
+    r = size(w, BENCH, SETTINGS)
+    assert r.pods_by_cpu is not None and r.pods_by_cpu < 10
+    assert r.pods_by_connections == 2000
+    assert not r.feasible
+
+
 def test_memory_of_each_pod() -> None:
     r = size(workload(), BENCH, SETTINGS)
     m = r.memory
