@@ -28,6 +28,12 @@ class Entry:
     seq: int
     publish_ms: int
     frame: bytes  # the websocket frame, ready to write to any connection
+    # The message's fields other framings are built from: `data` is frame[data_start:data_end]
+    # (already encoded JSON), `ts` and `sub` the envelope's.
+    ts: int = 0
+    sub: str | None = None
+    data_start: int = 0
+    data_end: int = 0
     # The socket.io form of the same message (services.socket.socketio.frames), built once per
     # pod, lazily: only when a socket.io client is in the channel.
     sio: tuple[bytes, bytes] | None = None
@@ -105,7 +111,16 @@ class History:
         history = self._channels.get(channel)
         return history is not None and message_id in history.index
 
-    def append(self, channel: str, message_id: str, publish_ms: int, frame: bytes) -> Entry:
+    def append(
+        self,
+        channel: str,
+        message_id: str,
+        publish_ms: int,
+        frame: bytes,
+        ts: int = 0,
+        sub: str | None = None,
+        data_span: tuple[int, int] = (0, 0),
+    ) -> Entry:
         history = self._channels.get(channel)
         if history is None:
             history = self._channels[channel] = ChannelHistory()
@@ -116,7 +131,7 @@ class History:
         self._seq += 1
         if self.backlog_until_ms is not None and publish_ms >= self.backlog_until_ms:
             self._backlog_over.add(channel)
-        entry = Entry(message_id, self._seq, publish_ms, frame)
+        entry = Entry(message_id, self._seq, publish_ms, frame, ts, sub, data_span[0], data_span[1])
         history.entries.append(entry)
         history.index[message_id] = entry
         self._messages += 1

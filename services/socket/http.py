@@ -67,8 +67,11 @@ def _request(event: h11.Request) -> Request:
         raise HttpError(431, "too many headers")
     # h11 bounds a head still arriving (max_incomplete_event_size); one that came whole is
     # measured here: request line and header lines with their separators.
-    size = len(event.method) + len(event.target) + 12 + sum(
-        len(name) + len(value) + 4 for name, value in event.headers.raw_items()
+    size = (
+        len(event.method)
+        + len(event.target)
+        + 12
+        + sum(len(name) + len(value) + 4 for name, value in event.headers.raw_items())
     )
     if size > HEAD_MAX_BYTES:
         raise HttpError(431, "request head too large")
