@@ -155,6 +155,12 @@ class Connection(asyncio.Protocol):
         self.on_lost = None
         self._answered(request, payload)
 
+    def close_idle(self) -> None:
+        """Closes the connection if it is plain HTTP (no websocket session): at the end of a
+        drain, a keep-alive connection must not hold the process."""
+        if self.session is None and self._transport is not None:
+            self._transport.close()
+
     def writable(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 

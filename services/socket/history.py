@@ -107,6 +107,11 @@ class History:
     def _in_backlog(self, channel: str) -> bool:
         return self.backlog_until_ms is not None and channel not in self._backlog_over
 
+    def entry(self, channel: str, message_id: str) -> Entry | None:
+        """The entry of a message id in the channel's history, if held."""
+        history = self._channels.get(channel)
+        return history.index.get(message_id) if history is not None else None
+
     def contains(self, channel: str, message_id: str) -> bool:
         history = self._channels.get(channel)
         return history is not None and message_id in history.index

@@ -135,7 +135,7 @@ class Pod:
         self.track(loop.create_task(self.pump.run(), name="pump"))
         self.track(loop.create_task(self.presence.run(), name="presence"))
         await self._warm_start()
-        self.presence.last_own_heard = time.monotonic()
+        self.presence.restart_silence()
         self.track(loop.create_task(self._maintain(), name="maintenance"))
         if self.socketio is not None:
             self.track(loop.create_task(self.socketio.run(), name="socketio"))
@@ -212,8 +212,7 @@ class Pod:
         except TimeoutError:
             log.warning("cleanup timed out; the subscription expires after a day unused")
         for connection in list(self.http_connections):
-            if connection.session is None and connection._transport is not None:
-                connection._transport.close()
+            connection.close_idle()
         log.info("drained")
 
     async def _close_sessions_spread(self, window_s: float) -> None:
@@ -311,6 +310,6 @@ class Pod:
                     },
                 )
                 heard_ms = int((time.time() - (now - self.presence.last_own_heard)) * 1000)
-                self.presence.last_own_heard = now  # one restart per silence
+                self.presence.restart_silence()
                 self.track(asyncio.get_running_loop().create_task(self.pump.restart_deaf(heard_ms)))
             self.refresh_gauges()

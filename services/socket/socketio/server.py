@@ -136,8 +136,7 @@ class SocketIOServer:
         ms = parse_position_ms(position)
         if ms is not None:
             return ms
-        channel = self.history._channels.get(room)
-        entry = channel.index.get(position) if channel is not None else None
+        entry = self.history.entry(room, position)
         return entry.publish_ms if entry is not None else None
 
     def presence_of(self, room: str) -> tuple[int, list[str]]:
