@@ -154,6 +154,21 @@ class Http1:
 
 
 # -- Engine.IO protocol: handshake, HTTP long-polling ---------------------------------------------
+async def test_engineio_handshake_polling_should_successfully_open_a_session(
+    http: httpx.AsyncClient,
+) -> None:
+    response = await http.get(eio(EIO="4", transport="polling"))
+    assert response.status_code == 200
+    assert response.text.startswith("0")
+    value = orjson.loads(response.text[1:])
+    assert set(value) == HANDSHAKE_KEYS
+    assert isinstance(value["sid"], str)
+    assert value["upgrades"] == ["websocket"]
+    assert value["pingInterval"] == PING_INTERVAL_MS
+    assert value["pingTimeout"] == PING_TIMEOUT_MS
+    assert value["maxPayload"] == MAX_PAYLOAD
+
+
 async def test_engineio_handshake_polling_should_fail_with_an_invalid_eio_query_parameter(
     http: httpx.AsyncClient,
 ) -> None:
@@ -176,6 +191,24 @@ async def test_engineio_handshake_polling_should_fail_with_an_invalid_request_me
 
 
 # -- Engine.IO protocol: handshake, WebSocket -----------------------------------------------------
+async def test_engineio_handshake_websocket_should_successfully_open_a_session(
+    pod: Service,
+) -> None:
+    socket = await connect(ws_url(pod, EIO="4", transport="websocket"))
+    try:
+        data = await receive(socket)
+        assert isinstance(data, str) and data.startswith("0")
+        value = orjson.loads(data[1:])
+        assert set(value) == HANDSHAKE_KEYS
+        assert isinstance(value["sid"], str)
+        assert value["upgrades"] == []
+        assert value["pingInterval"] == PING_INTERVAL_MS
+        assert value["pingTimeout"] == PING_TIMEOUT_MS
+        assert value["maxPayload"] == MAX_PAYLOAD
+    finally:
+        await socket.close()
+
+
 async def assert_refused(url: str) -> None:
     with pytest.raises(InvalidStatus) as refused:
         await connect(url)

@@ -61,6 +61,9 @@ class SocketIOServer:
         self.sessions: dict[str, SioSession] = {}
         self._rooms: dict[str, set[SioSession]] = {}
         self._open_publish = not settings.token_secret and not settings.keys
+        # On every socket.io HTTP response, as on the pod's other routes and its websocket
+        # handshakes: which pod serves (the load balancer's affinity decides for polling).
+        self._pod_header = {"X-Pubsock-Pod": settings.pod_name}
         registry = pod.metrics.registry
         sessions = Gauge(
             "pubsock_socketio_sessions",
@@ -212,24 +215,26 @@ class SocketIOServer:
             del self.sessions[session.sid]
 
     # -- HTTP --------------------------------------------------------------------------------
-    def _cors(self, request: Request) -> dict[str, str]:
+    def _headers(self, request: Request) -> dict[str, str]:
+        """X-Pubsock-Pod, and CORS with credentials when the request has an (allowed) Origin."""
         origin = request.header("origin")
         if origin is None:
-            return {}
+            return self._pod_header
         return {
+            **self._pod_header,
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Credentials": "true",
             "Vary": "Origin",
         }
 
     def polling_response(self, request: Request, body: bytes) -> bytes:
-        headers = {"Cache-Control": "no-store", **self._cors(request)}
+        headers = {"Cache-Control": "no-store", **self._headers(request)}
         return response(
             200, body, "text/plain; charset=UTF-8", headers=headers, keep_alive=request.keep_alive
         )
 
     def post_response(self, request: Request) -> bytes:
-        headers = {"Cache-Control": "no-store", **self._cors(request)}
+        headers = {"Cache-Control": "no-store", **self._headers(request)}
         return response(200, b"ok", "text/html", headers=headers, keep_alive=request.keep_alive)
 
     def error_response(
@@ -243,7 +248,7 @@ class SocketIOServer:
         return json_response(
             status,
             error_body(code, message),
-            headers={**self._cors(request), **(headers or {})},
+            headers={**self._headers(request), **(headers or {})},
             keep_alive=request.keep_alive,
         )
 
@@ -261,7 +266,7 @@ class SocketIOServer:
         if request.method == "OPTIONS":
             allow_headers = request.header("access-control-request-headers") or "content-type"
             headers = {
-                **self._cors(request),
+                **self._headers(request),
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Allow-Headers": allow_headers,
                 "Access-Control-Max-Age": "600",
@@ -328,10 +333,9 @@ class SocketIOServer:
         return open_packet(
             session.sid,
             upgrades,
-            int(settings.socketio_ping_interval_s * 1000),
-            int(settings.socketio_ping_timeout_s * 1000),
+            round(settings.socketio_ping_interval_s * 1000),
+            round(settings.socketio_ping_timeout_s * 1000),
             settings.max_request_bytes,
-            settings.pod_name,
         )
 
     def _websocket_factory(self, query_token: str | None) -> Any:
