@@ -230,6 +230,33 @@ async def test_engineio_handshake_websocket_should_fail_with_an_invalid_transpor
 
 
 # -- Engine.IO protocol: heartbeat -----------------------------------------------------------------
+async def test_engineio_heartbeat_polling_should_send_ping_pong_packets(
+    http: httpx.AsyncClient,
+) -> None:
+    """Three pings, each pingInterval after the handshake or the last pong; all three come before
+    connectTimeout closes the session (no Socket.IO CONNECT is sent)."""
+    started = time.monotonic()
+    sid = await open_polling(http)
+    for _ in range(3):
+        poll = await http.get(eio(EIO="4", transport="polling", sid=sid))
+        assert poll.status_code == 200
+        assert poll.text == "2"
+        assert time.monotonic() - started >= PING_INTERVAL_MS / 1000  # not early
+        started = time.monotonic()
+        push = await http.post(eio(EIO="4", transport="polling", sid=sid), content=b"3")
+        assert push.status_code == 200
+
+
+async def test_engineio_heartbeat_polling_should_close_the_session_upon_ping_timeout(
+    http: httpx.AsyncClient,
+) -> None:
+    sid = await open_polling(http)
+    # The passing of time is the case here: no pong within pingInterval + pingTimeout.
+    await asyncio.sleep((PING_INTERVAL_MS + PING_TIMEOUT_MS) / 1000)
+    poll = await http.get(eio(EIO="4", transport="polling", sid=sid))
+    assert poll.status_code == 400
+
+
 async def test_engineio_heartbeat_websocket_should_send_ping_pong_packets(pod: Service) -> None:
     socket = await connect(ws_url(pod, EIO="4", transport="websocket"))
     try:
@@ -239,6 +266,18 @@ async def test_engineio_heartbeat_websocket_should_send_ping_pong_packets(pod: S
             await socket.send("3")
     finally:
         await socket.close()
+
+
+async def test_engineio_heartbeat_websocket_should_close_the_session_upon_ping_timeout(
+    pod: Service,
+) -> None:
+    """Closed once the first ping goes unanswered: after pingInterval + pingTimeout, and well
+    before connectTimeout would close it."""
+    started = time.monotonic()
+    socket = await connect(ws_url(pod, EIO="4", transport="websocket"))
+    await closed(socket)
+    elapsed = time.monotonic() - started
+    assert (PING_INTERVAL_MS + PING_TIMEOUT_MS) / 1000 <= elapsed < CONNECT_TIMEOUT_MS / 1000
 
 
 # -- Engine.IO protocol: close ---------------------------------------------------------------------

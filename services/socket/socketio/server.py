@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.5
+# The send budget and the maximum connection age are checked this often; the protocol's deadlines
+# (heartbeat, upgrade, close, connect) have a timer per session (engine.py).
+MAINTENANCE_TICK_S = 0.5
 
 
 class SocketIOServer:
@@ -281,6 +283,10 @@ class SocketIOServer:
         sid = request.query_value("sid")
         if sid is not None:
             session = self.sessions.get(sid)
+            if session is not None:
+                # A deadline that has passed counts before this request, even when the event
+                # loop reads the request before it runs the session's timer.
+                session.expire(time.monotonic())
             if session is None or not (session.open or session.closing):
                 # Another pod's session (the affinity cookie did not hold) or an ended one: the
                 # client reconnects, and recovers with its pid and offset.
@@ -325,6 +331,7 @@ class SocketIOServer:
         sid = secrets.token_urlsafe(15)
         session = SioSession(self, sid, query_token)
         self.sessions[sid] = session
+        session.arm()
         self._pod.metrics.connections_opened.inc()
         return session
 
@@ -359,15 +366,15 @@ class SocketIOServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """Heartbeats, deadlines and maximum ages, about twice a second."""
+        """Send budgets and maximum ages, about twice a second."""
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(MAINTENANCE_TICK_S)
             now = time.monotonic()
             for session in list(self.sessions.values()):
                 try:
-                    session.tick(now)
-                except Exception:  # one bad session must not stop the heartbeat of the others
-                    log.exception("socket.io session tick failed")
+                    session.maintain(now)
+                except Exception:  # one bad session must not stop the checks of the others
+                    log.exception("socket.io session maintenance failed")
                     session.terminate("internal error")
 
     def close_all(self, code: CloseCode, reason: str) -> None:
