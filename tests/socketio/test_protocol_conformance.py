@@ -281,6 +281,29 @@ async def test_engineio_heartbeat_websocket_should_close_the_session_upon_ping_t
 
 
 # -- Engine.IO protocol: close ---------------------------------------------------------------------
+async def test_engineio_close_polling_should_forcefully_close_the_session(
+    pod: Service, http: httpx.AsyncClient
+) -> None:
+    """A close packet posted while a poll is pending: the poll ends with a noop, the session
+    with it."""
+    held = await Http1.open(pod.port)
+    try:
+        await held.send("GET", eio(EIO="4", transport="polling"))
+        status, body = await held.response()
+        assert status == 200
+        sid = orjson.loads(body[1:])["sid"]
+        await held.send("GET", eio(EIO="4", transport="polling", sid=sid))
+        # A round trip on another connection: by its answer the pod has read the poll above.
+        assert (await http.get("/healthz")).status_code == 200
+        push = await http.post(eio(EIO="4", transport="polling", sid=sid), content=b"1")
+        assert push.status_code == 200
+        assert await held.response() == (200, b"6")
+    finally:
+        await held.close()
+    poll = await http.get(eio(EIO="4", transport="polling", sid=sid))
+    assert poll.status_code == 400
+
+
 async def test_engineio_close_websocket_should_forcefully_close_the_session(pod: Service) -> None:
     socket = await connect(ws_url(pod, EIO="4", transport="websocket"))
     await receive(socket)  # handshake

@@ -330,7 +330,8 @@ class EngineSession:
             self.next_ping_at = time.monotonic() + self._interval_s
             self.arm()
         elif kind == EIO_CLOSE:
-            self.terminate("client close")
+            # As engine.io: a pending poll ends with a noop (the client closed, it knows).
+            self.terminate("client close", poll_answer=NOOP)
         elif kind in (EIO_NOOP, EIO_PING):  # a ping from the client is protocol 3's: ignored
             pass
         elif kind == "b":
@@ -504,8 +505,8 @@ class EngineSession:
         else:
             self.terminate("too slow to keep up")
 
-    def terminate(self, reason: str) -> None:
-        """Ends the session now; a held poll gets the close packet."""
+    def terminate(self, reason: str, poll_answer: bytes = CLOSE) -> None:
+        """Ends the session now; a held poll gets `poll_answer` (the close packet by default)."""
         if self.closing:
             self.closing = False
             self.server.forget(self)
@@ -516,7 +517,7 @@ class EngineSession:
         held, self._poll = self._poll, None
         if held is not None:
             connection, request = held
-            connection.release(request, self.server.polling_response(request, CLOSE))
+            connection.release(request, self.server.polling_response(request, poll_answer))
         if self.ws is not None:
             self.ws.abort()
 
