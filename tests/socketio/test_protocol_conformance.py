@@ -341,6 +341,24 @@ async def test_engineio_upgrade_should_ignore_http_requests_with_same_sid_after_
         await socket.close()
 
 
+async def test_engineio_upgrade_should_ignore_websocket_connection_with_same_sid_after_upgrade(
+    pod: Service, http: httpx.AsyncClient
+) -> None:
+    """The second websocket's handshake is accepted, then it is closed; the session lives on."""
+    sid = await open_polling(http)
+    socket = await connect(ws_url(pod, EIO="4", transport="websocket", sid=sid))
+    try:
+        await socket.send("2probe")
+        await socket.send("5")
+        await upgraded(socket)
+        second = await connect(ws_url(pod, EIO="4", transport="websocket", sid=sid))
+        await closed(second)
+        messages = [await receive(socket) for _ in range(2)]
+        assert messages[0] == "3probe" and messages[1] == "2"
+    finally:
+        await socket.close()
+
+
 # -- Socket.IO protocol: connect -------------------------------------------------------------------
 async def test_socketio_connect_should_disallow_connection_to_an_unknown_namespace(
     pod: Service,

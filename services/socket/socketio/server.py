@@ -292,8 +292,11 @@ class SocketIOServer:
                 # client reconnects, and recovers with its pid and offset.
                 return self.error_response(request, 400, UNKNOWN_SID)
             if transport == "websocket":
-                if not upgrade or session.ws is not None:
+                if not upgrade:
                     return self.error_response(request, 400, BAD_REQUEST)
+                if session.ws is not None:  # upgraded already: as engine.io, accept and close
+                    connection.upgrade_with(request, head, self._closed_factory(session))
+                    return None
                 connection.upgrade_with(request, head, self._probe_factory(session))
                 return None
             if session.ws is not None:
@@ -360,6 +363,16 @@ class SocketIOServer:
         def factory(transport: asyncio.Transport, protocol: ServerProtocol) -> WsTransport:
             ws = WsTransport(self, transport, protocol, session, probing=True)
             session.start_probe(ws)
+            return ws
+
+        return factory
+
+    def _closed_factory(self, session: SioSession) -> Any:
+        """A websocket for a session that has one: closed at once, the session untouched."""
+
+        def factory(transport: asyncio.Transport, protocol: ServerProtocol) -> WsTransport:
+            ws = WsTransport(self, transport, protocol, session, probing=True)
+            ws.close(CloseCode.NORMAL, "already upgraded")
             return ws
 
         return factory
