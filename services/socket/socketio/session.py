@@ -123,14 +123,23 @@ class SioSession(EngineSession):
     def sub(self) -> str | None:
         return self.claims.sub if self.claims is not None else None
 
-    def tick(self, now: float) -> None:
-        super().tick(now)
-        if (
-            self.open
-            and not self.connected
-            and not self.connecting
-            and now - self._unconnected_since > self.server.settings.socketio_connect_timeout_s
-        ):
+    def _connect_deadline(self) -> float | None:
+        """No namespace connected (nor a recovery under way) since then: closed at this time."""
+        if not self.open or self.connected or self.connecting:
+            return None
+        return self._unconnected_since + self.server.settings.socketio_connect_timeout_s
+
+    def due_at(self) -> float | None:
+        due = super().due_at()
+        connect = self._connect_deadline()
+        if connect is not None and (due is None or connect < due):
+            return connect
+        return due
+
+    def expire(self, now: float) -> None:
+        super().expire(now)
+        connect = self._connect_deadline()
+        if connect is not None and now >= connect:
             self.terminate("no socket.io CONNECT")
 
     # -- packets -----------------------------------------------------------------------------
@@ -269,6 +278,7 @@ class SioSession(EngineSession):
             self.connecting = False
         if self.open and not self.connected:
             self._connect(auth, claims, result="not_recovered")
+        self.arm()  # refused after all: the connect timeout applies again
         self._unbusy()
 
     async def _recover(self, auth: dict[str, Any], claims: Claims | None) -> bool:
@@ -543,6 +553,7 @@ class SioSession(EngineSession):
         if self.connected:
             self._unconnected_since = time.monotonic()
         self.connected = False
+        self.arm()  # the connect timeout applies again (or, the session ended, nothing does)
         self._expiry.cancel()
         for room in list(self.rooms):
             self.server.room_remove(room, self)
