@@ -21,7 +21,7 @@ system-deps:
 run: $(STAMP) system-deps
 	$(PY) -m devtools.run
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	node --test tests/js/
 	$(PY) -m pytest -q
 
@@ -31,9 +31,11 @@ test-unit: $(STAMP)
 test-integration: $(STAMP) system-deps
 	$(PY) -m pytest -q tests/integration
 
+# Style and types: ruff (format and lint) and mypy --strict with pydantic's plugin (pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

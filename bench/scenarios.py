@@ -662,7 +662,7 @@ def pod_lag(url: str, before: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def tree_pids(pid: int) -> list[int]:
-    """A process and its descendants (the emulator is gcloud's Python running a JVM)."""
+    """A process and its descendants."""
     try:
         root = psutil.Process(pid)
         return [pid, *(child.pid for child in root.children(recursive=True))]

@@ -2,11 +2,14 @@
 HAProxy playing the Google load balancer (cookie affinity, health checks on /readyz, failover).
 
 Every process runs in its own process group and is stopped with its children; ports are freed.
+Every process also dies with the process that started it, even when that one is SIGKILLed
+(devtools/lifetime.py): nothing outlives `make run` or a test run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -15,12 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from devtools.lifetime import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "local-project"
@@ -32,7 +37,7 @@ AFFINITY_COOKIE = "GCLB"
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -41,12 +46,29 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    """Polls `predicate` until it is true; raises TimeoutError naming `what` at the deadline."""
+class Interrupted(Exception):
+    """A wait gave up because a stop was requested meanwhile (`abort` returned True)."""
+
+
+def never() -> bool:
+    return False
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.05,
+    abort: Callable[[], bool] = never,
+) -> None:
+    """Polls `predicate` until it is true; raises TimeoutError naming `what` at the deadline,
+    or Interrupted as soon as `abort()` is true."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
+        if abort():
+            raise Interrupted(f"stopped while waiting for {what}")
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
@@ -58,10 +80,15 @@ def http_status(url: str) -> int | None:
         return None
 
 
-def emulator_available() -> bool:
+@functools.cache
+def emulator_launcher() -> Path | None:
+    """The emulator's own start script in the gcloud SDK, or None where it is not installed.
+
+    `gcloud beta emulators pubsub start` runs this script as a child of its own, which execs the
+    JVM; started directly, the JVM is our child and dies with us (die_with_parent)."""
     gcloud = shutil.which("gcloud")
     if gcloud is None:
-        return False
+        return None
     try:
         root = subprocess.run(
             [gcloud, "info", "--format=value(installation.sdk_root)"],
@@ -71,8 +98,13 @@ def emulator_available() -> bool:
             check=True,
         ).stdout.strip()
     except (subprocess.SubprocessError, OSError):
-        return False
-    return (Path(root) / "platform" / "pubsub-emulator").is_dir()
+        return None
+    script = Path(root) / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator"
+    return script if script.is_file() else None
+
+
+def emulator_available() -> bool:
+    return emulator_launcher() is not None
 
 
 class Process:
@@ -94,6 +126,7 @@ class Process:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
             cwd=ROOT,
         )
         log.close()
@@ -145,34 +178,29 @@ class Process:
 
 
 class Emulator:
+    """The Pub/Sub emulator's JVM (any project id works with it; ours is PROJECT)."""
+
     def __init__(self, port: int, log_dir: Path) -> None:
         self.port = port
         self.host = f"127.0.0.1:{port}"
+        launcher = emulator_launcher()
         self.process = Process(
             f"emulator-{port}",
-            [
-                "gcloud",
-                "beta",
-                "emulators",
-                "pubsub",
-                "start",
-                f"--host-port=127.0.0.1:{port}",
-                f"--project={PROJECT}",
-                "--quiet",
-            ],
+            [str(launcher or "cloud-pubsub-emulator"), "--host=127.0.0.1", f"--port={port}"],
             os.environ,
             log_dir,
         )
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 60.0, abort: Callable[[], bool] = never) -> None:
         self.process.start()
         try:
             wait_until(
                 lambda: port_open(self.port) or not self.process.running,
                 timeout_s,
                 "the Pub/Sub emulator",
+                abort=abort,
             )
-        except TimeoutError:
+        except (TimeoutError, Interrupted):
             self.process.stop()
             raise
         if not self.process.running:
@@ -181,18 +209,18 @@ class Emulator:
     def stop(self) -> None:
         self.process.stop(10)
 
-    def create_topic(self, topic: str = TOPIC, retention_s: int | None = TOPIC_RETENTION_S) -> None:
+    def create_topic(self, topic: str = TOPIC, retention_s: int = TOPIC_RETENTION_S) -> None:
         """Creates the topic as `make run` and `make deploy` do: with message retention
-        (None: without)."""
+        (none for 0)."""
         with emulator_env(self.host):
             from google.api_core.exceptions import AlreadyExists
             from google.cloud import pubsub_v1
 
             client = pubsub_v1.PublisherClient()
+            request: dict[str, object] = {"name": f"projects/{PROJECT}/topics/{topic}"}
+            if retention_s > 0:
+                request["message_retention_duration"] = {"seconds": retention_s}
             with contextlib.suppress(AlreadyExists):
-                request: dict[str, object] = {"name": f"projects/{PROJECT}/topics/{topic}"}
-                if retention_s is not None:
-                    request["message_retention_duration"] = {"seconds": retention_s}
                 client.create_topic(request=request)
             client.stop()
 
@@ -331,12 +359,13 @@ class Service:
                 self.process.stop(5)  # never leave a half-started process behind
                 raise
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
+    def wait_ready(self, timeout_s: float = 60.0, abort: Callable[[], bool] = never) -> None:
         try:
             wait_until(
                 lambda: not self.process.running or http_status(f"{self.url}/readyz") == 200,
                 timeout_s,
                 f"{self.name} to be ready",
+                abort=abort,
             )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.process.log_tail()}") from None
@@ -412,10 +441,13 @@ class LoadBalancer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, abort: Callable[[], bool] = never) -> None:
         self.process.start()
         wait_until(
-            lambda: port_open(self.port) or not self.process.running, 20, "HAProxy to listen"
+            lambda: port_open(self.port) or not self.process.running,
+            20,
+            "HAProxy to listen",
+            abort=abort,
         )
         if not self.process.running:
             raise RuntimeError(f"HAProxy exited:\n{self.process.log_tail()}")
@@ -430,7 +462,12 @@ class ClusterConfig:
     socket_ports: tuple[int, ...] = (8081, 8082)
     lb_port: int = 8000
     emulator_port: int = 8085
+    # Over the environment (tests pin their settings with it).
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Under it: only where the environment does not set them (make run's demo values).
+    default_env: dict[str, str] = field(default_factory=dict)
+    # The retention the topic is created with; the socket pods are told (TOPIC_RETENTION_S).
+    topic_retention_s: int = TOPIC_RETENTION_S
     socket_env: dict[str, str] = field(default_factory=dict)
     api_env: dict[str, str] = field(default_factory=dict)
     with_lb: bool = True
@@ -462,6 +499,7 @@ class LocalCluster:
             k: v for k, v in os.environ.items() if self.strict is None or k not in _NOT_FOR_STRICT
         }
         base = {
+            **config.default_env,
             **inherited,
             "BROKER": "pubsub",
             **wiring,
@@ -487,7 +525,7 @@ class LocalCluster:
                     **base,
                     "PORT": str(port),
                     "POD_NAME": f"socket-{i}",
-                    "TOPIC_RETENTION_S": str(TOPIC_RETENTION_S),
+                    "TOPIC_RETENTION_S": str(config.topic_retention_s),
                     **config.socket_env,
                 },
                 self.work_dir,
@@ -512,18 +550,22 @@ class LocalCluster:
             self.work_dir,
         )
 
-    def start(self) -> None:
+    def start(self, abort: Callable[[], bool] = never) -> None:
+        """Starts everything, or nothing: on any failure, or Interrupted as soon as `abort()`
+        is true, what was started is stopped again."""
         try:
-            self.emulator.start()
-            self.emulator.create_topic()
+            self.emulator.start(abort=abort)
+            self.emulator.create_topic(retention_s=self.config.topic_retention_s)
             if self.strict is not None:
                 self.strict.start()
             for service in (self.api, *self.sockets):
+                if abort():
+                    raise Interrupted("stopped while starting the services")
                 service.start(wait_ready=False)
             for service in (self.api, *self.sockets):
-                service.wait_ready()
+                service.wait_ready(abort=abort)
             if self.lb is not None:
-                self.lb.start()
+                self.lb.start(abort=abort)
         except BaseException:
             self.stop()
             raise

@@ -38,13 +38,15 @@ async def serve() -> None:
             access_log=False,
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # uvicorn captures SIGINT/SIGTERM itself while it serves (and ends serve()): either way out.
     api_task = asyncio.create_task(server.serve())
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({api_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     server.should_exit = True
     await api_task
     await pod.drain()

@@ -4,8 +4,8 @@ Usage:
     python scripts/validate_manifests.py                      # renders k8s/overlays/gke (+ base)
     kubectl kustomize k8s/overlays/gke | python scripts/validate_manifests.py -
 
-The schemas live in `<repo>/../shared/k8s-crds/` (override: PUBSOCK_SHARED_DIR or --shared); they
-only check shapes. The invariants below check what a schema cannot: values the GKE controllers
+The schemas live in `k8s/schemas/` (README there: source and version of each); they only
+check shapes. The invariants below check what a schema cannot: values the GKE controllers
 accept but reject later as events, cross-object references (annotations naming objects, selectors
 matching pods) and the timing arithmetic that keeps a rollout from dropping websockets. tests/k8s
 runs the same functions, and mutates manifests to prove each check can fail.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO_ROOT / "k8s"
+SCHEMA_DIR = K8S_DIR / "schemas"
 BASE_DIR = K8S_DIR / "base"
 GKE_DIR = K8S_DIR / "overlays" / "gke"
 PARAMS = "params.env"
@@ -104,15 +104,6 @@ class RenderError(RuntimeError):
     pass
 
 
-def shared_dir() -> Path:
-    """`<repo>/../shared/k8s-crds`, or PUBSOCK_SHARED_DIR (the k8s-crds folder or its parent)."""
-    override = os.environ.get("PUBSOCK_SHARED_DIR")
-    if override:
-        path = Path(override)
-        return path if (path / "index.json").exists() else path / "k8s-crds"
-    return REPO_ROOT.parent / "shared" / "k8s-crds"
-
-
 def kubectl() -> str | None:
     return shutil.which("kubectl")
 
@@ -156,9 +147,25 @@ def parse(text: str) -> list[Obj]:
 # --------------------------------------------------------------------------- schemas
 
 
+class SchemaMissing(RuntimeError):
+    """The schema folder or its index is not there: validation cannot run (a failure, never a
+    skip: a checkout without schemas must not pass while checking less)."""
+
+
 @cache
 def _index(root: Path) -> dict[str, str]:
-    return json.loads((root / "index.json").read_text())
+    path = root / "index.json"
+    if not path.is_file():
+        raise SchemaMissing(f"no schema index at {path}")
+    return json.loads(path.read_text())
+
+
+def require_schemas(root: Path = SCHEMA_DIR) -> Path:
+    """`root`, once its index and every file the index names are there; else SchemaMissing."""
+    missing = sorted(name for name in _index(root).values() if not (root / name).is_file())
+    if missing:
+        raise SchemaMissing(f"schemas missing from {root}: {', '.join(missing)}")
+    return root
 
 
 @cache
@@ -171,8 +178,9 @@ def _validator(path: Path) -> Any:
 def schema_problems(objs: Iterable[Obj], root: Path | None = None) -> list[str]:
     """Validate each object against the schema index.json names for its apiVersion/kind.
 
-    An apiVersion/kind missing from the index fails (a typo must never be skipped)."""
-    root = root or shared_dir()
+    An apiVersion/kind missing from the index fails (a typo must never be skipped), and so does
+    a schema file the index names but the folder lacks."""
+    root = root or SCHEMA_DIR
     index = _index(root)
     problems = []
     for obj in objs:
@@ -180,6 +188,9 @@ def schema_problems(objs: Iterable[Obj], root: Path | None = None) -> list[str]:
         where = f"{key} {obj.get('metadata', {}).get('name')}"
         if key not in index:
             problems.append(f"NO SCHEMA  {where}")
+            continue
+        if not (root / index[key]).is_file():
+            problems.append(f"NO SCHEMA  {where}: {root / index[key]} is missing")
             continue
         validator = _validator(root / index[key])
         for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
@@ -900,15 +911,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("source", nargs="?", help="'-' to read rendered YAML from stdin")
     parser.add_argument(
-        "--shared", type=Path, help="the k8s-crds folder (default: ../shared/k8s-crds)"
+        "--schemas", type=Path, default=SCHEMA_DIR, help="the schema folder (default: k8s/schemas)"
     )
     parser.add_argument(
         "--base-only", action="store_true", help="stdin holds the base, not the GKE overlay"
     )
     args = parser.parse_args(argv)
-    root = args.shared or shared_dir()
-    if not (root / "index.json").exists():
-        print(f"schemas not found: {root}/index.json (set PUBSOCK_SHARED_DIR)", file=sys.stderr)
+    try:
+        root = require_schemas(args.schemas)
+    except SchemaMissing as exc:
+        print(exc, file=sys.stderr)
         return 2
     if args.source == "-":
         sets = {"stdin": (parse(sys.stdin.read()), not args.base_only)}

@@ -7,7 +7,7 @@ encoded once per pod and the same bytes go to every connection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -102,18 +102,35 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
     raise ProtocolError("bad_request", "unknown frame type")
 
 
-def message_frame(envelope: Envelope) -> bytes:
-    """The `message` frame of one envelope; built once per pod per message."""
-    frame: dict[str, Any] = {
-        "type": "message",
-        "channel": envelope.channel,
-        "id": envelope.id,
-        "data": envelope.data,
-        "ts": envelope.ts,
-    }
+class MessageFrame(NamedTuple):
+    """A `message` frame's payload and where its `data` lies in it, so other framings (socket.io)
+    take the data already encoded, without parsing the frame."""
+
+    payload: bytes
+    data_start: int
+    data_end: int
+
+
+def message_frame_parts(envelope: Envelope) -> MessageFrame:
+    """`{"type":"message","channel":..,"id":..,"data":..,"ts":..[,"sub":..]}`, built from the
+    envelope's fields once per pod per message."""
+    head = (
+        b'{"type":"message","channel":'
+        + dumps(envelope.channel)
+        + b',"id":'
+        + dumps(envelope.id)
+        + b',"data":'
+    )
+    data = dumps(envelope.data)
+    tail = b',"ts":' + dumps(envelope.ts)
     if envelope.sub is not None:
-        frame["sub"] = envelope.sub
-    return dumps(frame)
+        tail += b',"sub":' + dumps(envelope.sub)
+    return MessageFrame(head + data + tail + b"}", len(head), len(head) + len(data))
+
+
+def message_frame(envelope: Envelope) -> bytes:
+    """The `message` frame of one envelope (its payload)."""
+    return message_frame_parts(envelope).payload
 
 
 def subscribed_frame(channel: str, position: str, recovered: bool | None) -> bytes:

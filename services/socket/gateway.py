@@ -1,8 +1,9 @@
 """The pod's listening protocol: plain HTTP requests, then possibly a websocket upgrade on /ws.
 
-One asyncio protocol per TCP connection. It parses request heads itself (keep-alive, bounded
-sizes, timeouts) and answers plain HTTP through `routes`; an upgrade is handed to websockets'
-sans-I/O `ServerProtocol` and the connection becomes a `Session`.
+One asyncio protocol per TCP connection. h11 reads its requests (http.py: keep-alive, bounded
+sizes; the header timeout is here) and plain HTTP is answered through `routes`. An upgrade's
+head, parsed once, is handed to websockets' sans-I/O `ServerProtocol` for the handshake, and the
+connection becomes a `Session` with a protocol already open.
 """
 
 from __future__ import annotations
@@ -12,17 +13,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from websockets.datastructures import Headers
 from websockets.http11 import Request as WsRequest
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from services.socket.http import (
-    HEAD_MAX_BYTES,
-    HttpError,
-    Request,
-    content_length,
-    json_response,
-    parse_head,
-)
+from services.socket.http import HttpError, Request, RequestReader, json_response
 from services.socket.session import Session
 
 if TYPE_CHECKING:
@@ -44,7 +40,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, pod: Pod) -> None:
         self._pod = pod
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._reader = RequestReader(pod.settings.max_request_bytes)
         self._timer: asyncio.TimerHandle | None = None
         self._handling = False
         self.session: Session | None = None
@@ -64,7 +60,7 @@ class Connection(asyncio.Protocol):
             except EOFError:  # data after the closing handshake ended the stream
                 session.abort()
             return
-        self._buffer += data
+        self._reader.feed(data)
         if not self._handling:
             self._process()
 
@@ -98,42 +94,28 @@ class Connection(asyncio.Protocol):
             json_response(error.status, {"detail": error.detail}, keep_alive=False)
         )
         self._transport.close()
-        self._buffer.clear()
 
     def _process(self) -> None:
-        """Handles every complete request in the buffer, in order (pipelining allowed)."""
+        """Handles every complete request received, in order (pipelining allowed)."""
         transport = self._transport
         assert transport is not None
-        while self._buffer and not transport.is_closing() and self.session is None:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > HEAD_MAX_BYTES:
-                    self._fail(HttpError(431, "request head too large"))
-                return
-            head = bytes(self._buffer[: end + 4])
+        while not transport.is_closing() and self.session is None:
             try:
-                if end + 4 > HEAD_MAX_BYTES:
-                    raise HttpError(431, "request head too large")
-                request = parse_head(head)
-                length = content_length(request)
-                if length > self._pod.settings.max_request_bytes:
-                    raise HttpError(413, "request body too large")
+                request = self._reader.next_request()
             except HttpError as error:
                 self._fail(error)
                 return
-            if len(self._buffer) < end + 4 + length:
-                return  # wait for the rest of the body
-            request.body = bytes(self._buffer[end + 4 : end + 4 + length])
-            del self._buffer[: end + 4 + length]
+            if request is None:
+                return  # wait for the rest
             socketio = self._pod.socketio
             if socketio is not None and request.path.startswith(socketio.prefix):
-                payload = socketio.handle(self, request, head)
+                payload = socketio.handle(self, request)
                 if payload is None:  # a held long poll, or now a socket.io websocket
                     return
                 self._answered(request, payload, resume=False)
                 continue
             if request.path == "/ws" and request.is_websocket_upgrade:
-                self._upgrade(request, head)
+                self._upgrade(request)
                 return
             self._answer(request)
 
@@ -159,7 +141,7 @@ class Connection(asyncio.Protocol):
             self._transport.close()
             return
         self._arm(self._pod.settings.http_keepalive_s)
-        if resume and self._buffer:
+        if resume:
             self._process()
 
     # -- held requests and other websockets (socket.io) ---------------------------------------
@@ -173,24 +155,29 @@ class Connection(asyncio.Protocol):
         self.on_lost = None
         self._answered(request, payload)
 
+    def close_idle(self) -> None:
+        """Closes the connection if it is plain HTTP (no websocket session): at the end of a
+        drain, a keep-alive connection must not hold the process."""
+        if self.session is None and self._transport is not None:
+            self._transport.close()
+
     def writable(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 
-    def upgrade_with(self, request: Request, head: bytes, factory: Callable[..., Any]) -> None:
+    def upgrade_with(self, request: Request, factory: Callable[..., Any]) -> None:
         """Completes a websocket handshake, then `factory(transport, protocol)` owns the
-        connection (it must offer `feed`, `abort` and `connection_lost`, as `Session` does)."""
+        connection (it must offer `feed`, `abort` and `connection_lost`, as `Session` does).
+
+        The head was parsed once, by h11: websockets validates the handshake from it (`accept`)
+        and the session gets a protocol that starts open."""
         assert self._transport is not None
         transport = self._transport
-        protocol = ServerProtocol(max_size=self._pod.settings.max_frame_bytes, logger=_ws_logger)
-        protocol.receive_data(head)
-        events = protocol.events_received()
-        if not events or not isinstance(events[0], WsRequest):
-            self._fail(HttpError(400, "invalid websocket handshake"))
-            return
-        response = protocol.accept(events[0])
+        max_size = self._pod.settings.max_frame_bytes
+        handshake = ServerProtocol(max_size=max_size, logger=_ws_logger)
+        response = handshake.accept(WsRequest(request.target, Headers(request.raw_headers)))
         response.headers["X-Pubsock-Pod"] = self._pod.settings.pod_name
-        protocol.send_response(response)
-        for data in protocol.data_to_send():
+        handshake.send_response(response)
+        for data in handshake.data_to_send():
             if data:
                 transport.write(data)
         if response.status_code != 101:
@@ -198,14 +185,14 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self._disarm()
+        protocol = ServerProtocol(state=State.OPEN, max_size=max_size, logger=_ws_logger)
         self.session = factory(transport, protocol)
-        if self._buffer:
-            rest = bytes(self._buffer)
-            self._buffer.clear()
+        rest = self._reader.leftover
+        if rest:
             self.session.feed(rest)
 
     # -- websocket ---------------------------------------------------------------------------
-    def _upgrade(self, request: Request, head: bytes) -> None:
+    def _upgrade(self, request: Request) -> None:
         assert self._transport is not None
         transport = self._transport
         admission = self._pod.admit(request)
@@ -224,4 +211,4 @@ class Connection(asyncio.Protocol):
             self._pod.session_opened(session)
             return session
 
-        self.upgrade_with(request, head, open_session)
+        self.upgrade_with(request, open_session)

@@ -28,6 +28,12 @@ class Entry:
     seq: int
     publish_ms: int
     frame: bytes  # the websocket frame, ready to write to any connection
+    # The message's fields other framings are built from: `data` is frame[data_start:data_end]
+    # (already encoded JSON), `ts` and `sub` the envelope's.
+    ts: int = 0
+    sub: str | None = None
+    data_start: int = 0
+    data_end: int = 0
     # The socket.io form of the same message (services.socket.socketio.frames), built once per
     # pod, lazily: only when a socket.io client is in the channel.
     sio: tuple[bytes, bytes] | None = None
@@ -101,11 +107,25 @@ class History:
     def _in_backlog(self, channel: str) -> bool:
         return self.backlog_until_ms is not None and channel not in self._backlog_over
 
+    def entry(self, channel: str, message_id: str) -> Entry | None:
+        """The entry of a message id in the channel's history, if held."""
+        history = self._channels.get(channel)
+        return history.index.get(message_id) if history is not None else None
+
     def contains(self, channel: str, message_id: str) -> bool:
         history = self._channels.get(channel)
         return history is not None and message_id in history.index
 
-    def append(self, channel: str, message_id: str, publish_ms: int, frame: bytes) -> Entry:
+    def append(
+        self,
+        channel: str,
+        message_id: str,
+        publish_ms: int,
+        frame: bytes,
+        ts: int = 0,
+        sub: str | None = None,
+        data_span: tuple[int, int] = (0, 0),
+    ) -> Entry:
         history = self._channels.get(channel)
         if history is None:
             history = self._channels[channel] = ChannelHistory()
@@ -116,7 +136,7 @@ class History:
         self._seq += 1
         if self.backlog_until_ms is not None and publish_ms >= self.backlog_until_ms:
             self._backlog_over.add(channel)
-        entry = Entry(message_id, self._seq, publish_ms, frame)
+        entry = Entry(message_id, self._seq, publish_ms, frame, ts, sub, data_span[0], data_span[1])
         history.entries.append(entry)
         history.index[message_id] = entry
         self._messages += 1

@@ -135,7 +135,7 @@ class Pod:
         self.track(loop.create_task(self.pump.run(), name="pump"))
         self.track(loop.create_task(self.presence.run(), name="presence"))
         await self._warm_start()
-        self.presence.last_own_heard = time.monotonic()
+        self.presence.restart_silence()
         self.track(loop.create_task(self._maintain(), name="maintenance"))
         if self.socketio is not None:
             self.track(loop.create_task(self.socketio.run(), name="socketio"))
@@ -194,7 +194,7 @@ class Pod:
         log.info("draining", extra={"sessions": len(self.sessions)})
         await asyncio.sleep(self.settings.drain_delay_s)
         if self._server is not None:
-            self._server.close()
+            await self._stop_listening(self._server)
         window_s = self.settings.drain_close_window_s
         if self.socketio is not None:
             await asyncio.gather(
@@ -212,9 +212,25 @@ class Pod:
         except TimeoutError:
             log.warning("cleanup timed out; the subscription expires after a day unused")
         for connection in list(self.http_connections):
-            if connection.session is None and connection._transport is not None:
-                connection._transport.close()
+            connection.close_idle()
         log.info("drained")
+
+    @staticmethod
+    async def _stop_listening(server: asyncio.Server) -> None:
+        """Closes the listening socket without stranding a client that connected just then.
+
+        Python 3.11's selector event loop accepts a connection, then attaches it to the server
+        one loop iteration later; a server closed in between fails that attach (an assertion,
+        swallowed) and leaks the accepted socket, open and never answered, so that client hangs
+        (a long poll after a drain did). So: stop accepting, let what was accepted attach (it is
+        served as any connection of a draining pod), then close: whatever waits in the kernel's
+        backlog is refused. (uvloop accepts differently; its `remove_reader` is a no-op here.)
+        """
+        loop = asyncio.get_running_loop()
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)
+        server.close()
 
     async def _close_sessions_spread(self, window_s: float) -> None:
         """Closes every session with 1012, spread evenly so clients do not all return at once."""
@@ -311,6 +327,6 @@ class Pod:
                     },
                 )
                 heard_ms = int((time.time() - (now - self.presence.last_own_heard)) * 1000)
-                self.presence.last_own_heard = now  # one restart per silence
+                self.presence.restart_silence()
                 self.track(asyncio.get_running_loop().create_task(self.pump.restart_deaf(heard_ms)))
             self.refresh_gauges()

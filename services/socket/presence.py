@@ -81,6 +81,11 @@ class Presence:
         self.own_heard = asyncio.Event()
         self.announcements_sent = 0
 
+    def restart_silence(self) -> None:
+        """Deafness is judged from now on (the pod just started, or just restarted its stream):
+        one restart per silence."""
+        self.last_own_heard = time.monotonic()
+
     # -- local sessions ------------------------------------------------------------------------
     def joined(self, channel: str, sub: str | None) -> None:
         self._change_local(channel, sub, +1)

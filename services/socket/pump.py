@@ -36,11 +36,10 @@ from services.core.envelope import (
     InvalidEnvelope,
     decode_envelope,
 )
-from services.core.protocol import message_frame
 from services.socket.history import History
 from services.socket.hub import Hub
 from services.socket.metrics import SocketMetrics
-from services.socket.wsframe import text_frame
+from services.socket.wsframe import message_text_frame
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +234,15 @@ class Pump:
         if history.contains(envelope.channel, envelope.id):
             self._metrics.duplicates_dropped.inc()
             return
+        frame, data_span = message_text_frame(envelope)
         entry = history.append(
-            envelope.channel, envelope.id, delivery.publish_ms, text_frame(message_frame(envelope))
+            envelope.channel,
+            envelope.id,
+            delivery.publish_ms,
+            frame,
+            envelope.ts,
+            envelope.sub,
+            data_span,
         )
         self._hub.publish(envelope.channel, entry, delivery.publish_ms >= self.live_from_ms)
         self._count(envelope.channel)

@@ -12,6 +12,9 @@ import struct
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
+from services.core.envelope import Envelope
+from services.core.protocol import message_frame_parts
+
 _FIN_TEXT = 0x81
 
 
@@ -60,3 +63,12 @@ class MessageAssembler:
                 data, self._fragments = b"".join(self._fragments), None
                 return data, self._is_text
         return None
+
+
+def message_text_frame(envelope: Envelope) -> tuple[bytes, tuple[int, int]]:
+    """The `message` frame of an envelope as a websocket text frame, and where its `data` lies
+    in that frame (for socket.io's form of the same message)."""
+    payload, data_start, data_end = message_frame_parts(envelope)
+    frame = text_frame(payload)
+    header = len(frame) - len(payload)
+    return frame, (header + data_start, header + data_end)

@@ -132,7 +132,7 @@ async def test_no_warm_start_from_a_topic_without_retention(cluster, new_pod):
     """A seek before what the topic retains succeeds and replays nothing: a pod must not take it
     as history, whatever TOPIC_RETENTION_S says."""
     topic = f"no-retention-{time.time_ns()}"
-    await asyncio.to_thread(cluster.emulator.create_topic, topic, None)
+    await asyncio.to_thread(cluster.emulator.create_topic, topic, 0)
     before_ms = int(time.time() * 1000) - 100
     pod = new_pod("unretained", PUBSUB_TOPIC=topic, TOPIC_RETENTION_S="3600")
     await wait_for_log(pod, lambda r: "no warm start" in r.get("message", ""))

@@ -1,8 +1,8 @@
 """Fixtures for the offline manifest tests: the validator module, rendered manifests, the schemas.
 
 Nothing here needs a cluster or the network: `kubectl kustomize` renders offline, the schemas are
-the files in ../shared/k8s-crds (PUBSOCK_SHARED_DIR overrides), and deploy.sh runs with DRY_RUN=1
-against fake gcloud/kubectl.
+the files in k8s/schemas (a missing one fails the tests, never skips them), and deploy.sh runs
+with DRY_RUN=1 against fake gcloud/kubectl.
 """
 
 from __future__ import annotations
@@ -39,13 +39,8 @@ def validator() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def schema_root() -> Path:
-    root = vm.shared_dir()
-    if not (root / "index.json").exists():
-        pytest.skip(
-            f"k8s schemas not found at {root} (expected <repo>/../shared/k8s-crds/index.json;"
-            " set PUBSOCK_SHARED_DIR to the k8s-crds folder)"
-        )
-    return root
+    """k8s/schemas, complete; a missing index or file raises (an error, not a skip)."""
+    return vm.require_schemas()
 
 
 @pytest.fixture(scope="session")

@@ -10,37 +10,68 @@
 //                              (its private `_lastOffset`), to test a forged one -> {"ev": "offset"}
 //   {"cmd": "exit"}
 // Every connect record carries `recovered`, the socket id, the Engine.IO transport and the pod
-// (from the Engine.IO handshake) so the tests can tell which pod serves which client.
+// (the `X-Pubsock-Pod` header of the transport's last HTTP response: a long poll, or the
+// websocket handshake) so the tests can tell which pod serves which client.
 import { createInterface } from "node:readline";
-import { io } from "socket.io-client";
+import { io, NodeWebSocket, NodeXHR } from "socket.io-client";
 
 const sockets = new Map();
+
+// socket.io-client's own Node transports, noting the pod header of each response they get.
+class PodPolling extends NodeXHR {
+  request(opts = {}) {
+    const request = super.request(opts); // engine.io-client's Request: its XHR is sent already
+    const xhr = request._xhr;
+    const onLoad = () => {
+      const pod = xhr.getResponseHeader("x-pubsock-pod");
+      if (pod) this.pod = pod;
+    };
+    request.on("data", onLoad); // before the request drops its XHR
+    request.on("success", onLoad);
+    return request;
+  }
+}
+
+class PodWebSocket extends NodeWebSocket {
+  createSocket(uri, protocols, opts) {
+    const ws = super.createSocket(uri, protocols, opts);
+    ws.on("upgrade", (response) => {
+      this.pod = response.headers["x-pubsock-pod"] ?? null;
+    });
+    return ws;
+  }
+}
+
+const TRANSPORTS = { polling: PodPolling, websocket: PodWebSocket };
+
+function podOf(manager) {
+  return manager.engine?.transport?.pod ?? null;
+}
 
 function out(record) {
   process.stdout.write(JSON.stringify(record) + "\n");
 }
 
-function watchEngine(name, manager, state) {
+function watchEngine(name, manager) {
   const engine = manager.engine;
   if (!engine || engine.__watched) return;
   engine.__watched = true;
-  engine.on("handshake", (data) => {
-    state.pod = data.pod;
-  });
   engine.on("upgrade", (transport) => {
-    out({ ev: "upgrade", name, transport: transport.name, pod: state.pod });
+    out({ ev: "upgrade", name, transport: transport.name, pod: transport.pod ?? null });
   });
 }
 
 function connect({ name, url, opts }) {
-  const state = { pod: null };
-  const socket = io(url, { forceNew: true, ...opts });
+  // `transports` by name, as socket.io-client takes them, become the classes above.
+  const names = opts.transports ?? ["polling", "websocket"];
+  const transports = names.map((transport) => TRANSPORTS[transport]);
+  const socket = io(url, { forceNew: true, ...opts, transports });
   const manager = socket.io;
-  watchEngine(name, manager, state);
+  watchEngine(name, manager);
   const open = manager.open.bind(manager);
   manager.open = manager.connect = (fn) => {
     const result = open(fn);
-    watchEngine(name, manager, state);
+    watchEngine(name, manager);
     return result;
   };
   socket.on("connect", () => {
@@ -50,7 +81,7 @@ function connect({ name, url, opts }) {
       id: socket.id,
       recovered: socket.recovered,
       transport: manager.engine.transport.name,
-      pod: state.pod,
+      pod: podOf(manager),
     });
   });
   socket.on("connect_error", (err) => {
@@ -60,7 +91,7 @@ function connect({ name, url, opts }) {
     out({ ev: "disconnect", name, reason });
   });
   socket.onAny((event, ...args) => {
-    out({ ev: "event", name, event, args, pod: state.pod });
+    out({ ev: "event", name, event, args, pod: podOf(manager) });
   });
   sockets.set(name, socket);
 }

@@ -140,6 +140,7 @@ async def test_unknown_sid_on_the_other_pod(sio_cluster: LocalCluster) -> None:
             f"{first.url}/socket.io/", params={"EIO": 4, "transport": "polling"}
         )
         assert opened.status_code == 200 and opened.text.startswith("0{")
+        assert opened.headers["x-pubsock-pod"] == first.env["POD_NAME"]  # not in the open packet
         sid = orjson.loads(opened.content[1:])["sid"]
         other = await client.get(
             f"{second.url}/socket.io/", params={"EIO": 4, "transport": "polling", "sid": sid}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.core.envelope import Envelope, loads
-from services.core.protocol import message_frame
 from services.socket.history import Entry
-from services.socket.socketio.frames import EventFrames, ws_payload
+from services.socket.socketio.frames import EventFrames
 from services.socket.socketio.protocol import (
     CONNECT,
     EVENT,
@@ -26,7 +25,13 @@ from services.socket.socketio.recovery import (
     split_room_entry,
     state_offset,
 )
-from services.socket.wsframe import text_frame
+from services.socket.wsframe import message_text_frame
+
+
+def ws_payload(frame: bytes) -> bytes:
+    """The payload of an unmasked server text frame."""
+    length = frame[1] & 0x7F
+    return frame[2 + (2 if length == 126 else 8 if length == 127 else 0) :]
 
 
 def test_decode_client_packets():
@@ -121,9 +126,10 @@ def test_a_room_joined_moments_ago_carries_its_join_position():
     [{"text": "hi", "ts": 1}, 'a,"ts":1', [1, 2], None, 12345678901234567890123, "x" * 70000],
 )
 @pytest.mark.parametrize("sub", [None, 'bob,"ts":2'])
-def test_event_frame_is_cut_from_the_native_frame(data, sub):
+def test_event_frame_is_built_from_the_message_fields(data, sub):
     envelope = Envelope("01HXID", "room:1", data, 1700000000000, sub)
-    entry = Entry("01HXID", 1, 1700000000000, text_frame(message_frame(envelope)))
+    frame, (start, end) = message_text_frame(envelope)
+    entry = Entry("01HXID", 1, 1700000000000, frame, envelope.ts, envelope.sub, start, end)
     packet, frame = EventFrames("message", with_offset=True).build("room:1", entry)
     assert ws_payload(frame) == packet and entry.sio == (packet, frame)
     assert packet.startswith(b"42")

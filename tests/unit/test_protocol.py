@@ -115,3 +115,21 @@ def test_any_json_value_survives_the_round_trip():
         from services.core.envelope import loads
 
         assert loads(message_frame(decoded))["data"] == data
+
+
+@pytest.mark.parametrize(
+    "data", [{"text": "hi", "ts": 1}, 'a,"ts":1', [1, 2], None, 12345678901234567890123, "é"]
+)
+@pytest.mark.parametrize("sub", [None, 'bob,"ts":2'])
+def test_the_message_frame_is_built_from_fields_and_says_where_its_data_is(data, sub):
+    from services.core.envelope import Envelope, dumps
+    from services.core.protocol import message_frame_parts
+
+    envelope = Envelope("01HXID", "room:1", data, 1700000000000, sub)
+    payload, start, end = message_frame_parts(envelope)
+    expected = {"type": "message", "channel": "room:1", "id": "01HXID", "data": data}
+    expected["ts"] = 1700000000000
+    if sub is not None:
+        expected["sub"] = sub
+    assert payload == dumps(expected)  # the wire as before, key order included
+    assert payload[start:end] == dumps(data)

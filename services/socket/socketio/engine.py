@@ -5,8 +5,13 @@ server's ping every pingInterval bounds the wait), a POST carries client packets
 client opens a websocket with the same `sid`, sends `2probe` (answered `3probe`; from then on a
 held poll is answered at once, with `6` noop when nothing is queued, so the client can pause
 polling), then `5`: the websocket becomes the session's transport and what was queued goes
-there. Heartbeat (protocol 4): the server sends `2` every pingInterval, the client answers `3`
-within pingTimeout or the session ends.
+there. Heartbeat (protocol 4): the server sends `2` pingInterval after the session opened or
+the last `3`, and the client answers `3` within pingTimeout or the session ends.
+
+Deadlines (heartbeat, upgrade, collecting the close packet, Socket.IO CONNECT) are exact, even
+sub-second: each session keeps one timer at its earliest deadline, and a request for a session
+first applies any deadline that has passed (a poll that comes after the ping timeout is refused,
+whichever the event loop ran first).
 
 Everything runs on the event loop, without an `await` per packet: a live message is one write of
 pre-built bytes to a websocket, or one append to a poll queue.
@@ -15,6 +20,7 @@ pre-built bytes to a websocket, or one append to a poll queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import TYPE_CHECKING
@@ -46,6 +52,12 @@ from services.socket.wsframe import MessageAssembler, flush, text_frame
 if TYPE_CHECKING:
     from services.socket.gateway import Connection
     from services.socket.socketio.server import SocketIOServer
+
+log = logging.getLogger(__name__)
+
+# uvloop's timers have millisecond resolution and may fire a little early: the rest is waited out
+# with a timer of at least this (never a spin of zero-delay timers).
+TIMER_MIN_S = 0.001
 
 
 class WsTransport:
@@ -159,6 +171,8 @@ class EngineSession:
         "_interval_s",
         "_poll",
         "_timeout_s",
+        "_timer",
+        "_timer_at",
         "closing",
         "deadline",
         "max_age_at",
@@ -200,6 +214,8 @@ class EngineSession:
         self.deadline: float | None = None  # probe or closing: when to give up
         age_s = settings.max_connection_age_s
         self.max_age_at = now + age_s * random.uniform(0.9, 1.1)
+        self._timer: asyncio.TimerHandle | None = None  # at the earliest deadline (`arm`)
+        self._timer_at = 0.0
 
     @property
     def transport_name(self) -> str:
@@ -287,6 +303,7 @@ class EngineSession:
         if self.closing:  # the close packet is on its way: the sid is gone
             self.closing = False
             self.server.forget(self)
+            self.arm()  # nothing is pending any more: the timer goes
         return self.server.polling_response(request, body)
 
     def post(self, request: Request) -> bytes:
@@ -311,8 +328,10 @@ class EngineSession:
         elif kind == EIO_PONG:
             self.ping_deadline = None
             self.next_ping_at = time.monotonic() + self._interval_s
+            self.arm()
         elif kind == EIO_CLOSE:
-            self.terminate("client close")
+            # As engine.io: a pending poll ends with a noop (the client closed, it knows).
+            self.terminate("client close", poll_answer=NOOP)
         elif kind in (EIO_NOOP, EIO_PING):  # a ping from the client is protocol 3's: ignored
             pass
         elif kind == "b":
@@ -335,6 +354,7 @@ class EngineSession:
             self.probe.close(CloseCode.NORMAL, "another probe")
         self.probe = ws
         self.deadline = time.monotonic() + self.server.settings.socketio_upgrade_timeout_s
+        self.arm()
 
     def on_probe_message(self, ws: WsTransport, text: str) -> None:
         if ws is not self.probe or not self.open:
@@ -379,23 +399,67 @@ class EngineSession:
         elif ws is self.ws:
             self.terminate("transport close")
 
-    # -- heartbeat and ends -----------------------------------------------------------------
-    def tick(self, now: float) -> None:
-        """Called about once a second: heartbeat, upgrade and close deadlines, maximum age."""
+    # -- deadlines, heartbeat and ends -------------------------------------------------------
+    def due_at(self) -> float | None:
+        """The earliest deadline: when `expire` has something to do (None: nothing pending)."""
+        if not self.open:
+            return self.deadline if self.closing else None
+        due = self.ping_deadline if self.ping_deadline is not None else self.next_ping_at
+        if self.deadline is not None and self.deadline < due:
+            due = self.deadline
+        return due
+
+    def arm(self) -> None:
+        """Keeps the session's timer at its earliest deadline; call after moving a deadline."""
+        due = self.due_at()
+        timer = self._timer
+        if timer is not None:
+            if due == self._timer_at:
+                return
+            timer.cancel()
+            self._timer = None
+        if due is not None:
+            self._timer_at = due
+            delay = max(0.0, due - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        if now < self._timer_at:  # early by a fraction of a millisecond: wait out the rest
+            delay = max(TIMER_MIN_S, self._timer_at - now)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+            return
+        try:
+            self.expire(now)
+        except Exception:  # a bug in one session must not leave it without a heartbeat
+            log.exception("socket.io session deadline failed")
+            self.terminate("internal error")
+        self.arm()
+
+    def expire(self, now: float) -> None:
+        """Whatever deadline has passed at `now`: a ping due (then its pong is due), a ping
+        unanswered, an upgrade not completed, a close packet not collected."""
         if not self.open:  # closing: the close packet waits for a poll, not forever
-            if self.closing and self.deadline is not None and now > self.deadline:
+            if self.closing and self.deadline is not None and now >= self.deadline:
                 self.terminate("close not collected")
             return
-        if self.deadline is not None and now > self.deadline and self.probe is not None:
+        if self.deadline is not None and now >= self.deadline and self.probe is not None:
             self._probe_failed(self.probe)
         if self.ping_deadline is not None:
-            if now > self.ping_deadline:
+            if now >= self.ping_deadline:
                 self.server.ping_timeouts.inc()
                 self.terminate("ping timeout")
-                return
         elif now >= self.next_ping_at:
-            self.ping_deadline = now + self._timeout_s
+            # The pong is due pingTimeout after the ping was; a ping late because the loop was
+            # busy still leaves the client at least half of pingTimeout.
+            self.ping_deadline = max(self.next_ping_at + self._timeout_s, now + self._timeout_s / 2)
             self.send(PING)
+
+    def maintain(self, now: float) -> None:
+        """About twice a second (the server's loop): send budget and maximum age."""
+        if not self.open:
+            return
         if self._stalled():
             self.close_slow()
             return
@@ -426,6 +490,7 @@ class EngineSession:
         self.deadline = time.monotonic() + self._timeout_s
         self.on_closed(reason)
         self._flush_poll()
+        self.arm()
 
     def close_slow(self) -> None:
         """Over the send budget: the websocket gets 1013; a poll queue is dropped (the client's
@@ -440,23 +505,25 @@ class EngineSession:
         else:
             self.terminate("too slow to keep up")
 
-    def terminate(self, reason: str) -> None:
-        """Ends the session now; a held poll gets the close packet."""
+    def terminate(self, reason: str, poll_answer: bytes = CLOSE) -> None:
+        """Ends the session now; a held poll gets `poll_answer` (the close packet by default)."""
         if self.closing:
             self.closing = False
             self.server.forget(self)
+            self.arm()  # nothing is pending any more: the timer goes
         if not self.open:
             return
         self._end(reason)
         held, self._poll = self._poll, None
         if held is not None:
             connection, request = held
-            connection.release(request, self.server.polling_response(request, CLOSE))
+            connection.release(request, self.server.polling_response(request, poll_answer))
         if self.ws is not None:
             self.ws.abort()
 
     def _end(self, reason: str) -> None:
         self.open = False
+        self.arm()  # nothing is pending any more: the timer goes
         self.queue = []
         self.queued_bytes = 0
         self.server.forget(self)

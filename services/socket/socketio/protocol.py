@@ -159,8 +159,8 @@ def open_packet(
     ping_interval_ms: int,
     ping_timeout_ms: int,
     max_payload: int,
-    pod: str,
 ) -> bytes:
+    """Exactly the protocol's keys (the serving pod is in the `X-Pubsock-Pod` header)."""
     return b"0" + orjson.dumps(
         {
             "sid": sid,
@@ -168,7 +168,6 @@ def open_packet(
             "pingInterval": ping_interval_ms,
             "pingTimeout": ping_timeout_ms,
             "maxPayload": max_payload,
-            "pod": pod,  # not part of the protocol: which pod serves (clients ignore it)
         }
     )
 

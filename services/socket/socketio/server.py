@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
@@ -22,7 +23,7 @@ from services.core.closecodes import CloseCode
 from services.core.settings import origin_allowed
 from services.socket.history import Entry, parse_position_ms
 from services.socket.http import Request, json_response, response
-from services.socket.socketio.engine import WsTransport
+from services.socket.socketio.engine import EngineSession, WsTransport
 from services.socket.socketio.frames import EventFrames
 from services.socket.socketio.protocol import (
     BAD_HANDSHAKE_METHOD,
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.5
+# The send budget and the maximum connection age are checked this often; the protocol's deadlines
+# (heartbeat, upgrade, close, connect) have a timer per session (engine.py).
+MAINTENANCE_TICK_S = 0.5
 
 
 class SocketIOServer:
@@ -61,6 +64,9 @@ class SocketIOServer:
         self.sessions: dict[str, SioSession] = {}
         self._rooms: dict[str, set[SioSession]] = {}
         self._open_publish = not settings.token_secret and not settings.keys
+        # On every socket.io HTTP response, as on the pod's other routes and its websocket
+        # handshakes: which pod serves (the load balancer's affinity decides for polling).
+        self._pod_header = {"X-Pubsock-Pod": settings.pod_name}
         registry = pod.metrics.registry
         sessions = Gauge(
             "pubsock_socketio_sessions",
@@ -69,9 +75,7 @@ class SocketIOServer:
             registry=registry,
         )
         for transport in ("websocket", "polling"):
-            sessions.labels(transport).set_function(
-                lambda t=transport: sum(1 for s in self.sessions.values() if s.transport_name == t)
-            )
+            sessions.labels(transport).set_function(self._counter_of(transport))
         self.connects = Counter(
             "pubsock_socketio_connects_total",
             "socket.io CONNECTs, by result (new, recovered, not_recovered, refused)",
@@ -136,8 +140,7 @@ class SocketIOServer:
         ms = parse_position_ms(position)
         if ms is not None:
             return ms
-        channel = self.history._channels.get(room)
-        entry = channel.index.get(position) if channel is not None else None
+        entry = self.history.entry(room, position)
         return entry.publish_ms if entry is not None else None
 
     def presence_of(self, room: str) -> tuple[int, list[str]]:
@@ -207,29 +210,35 @@ class SocketIOServer:
             for session in slow:
                 session.close_slow()
 
-    def forget(self, session: SioSession) -> None:
+    def _counter_of(self, transport: str) -> Callable[[], int]:
+        """How many sessions use `transport` now (a gauge's function)."""
+        return lambda: sum(1 for s in self.sessions.values() if s.transport_name == transport)
+
+    def forget(self, session: EngineSession) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
 
     # -- HTTP --------------------------------------------------------------------------------
-    def _cors(self, request: Request) -> dict[str, str]:
+    def _headers(self, request: Request) -> dict[str, str]:
+        """X-Pubsock-Pod, and CORS with credentials when the request has an (allowed) Origin."""
         origin = request.header("origin")
         if origin is None:
-            return {}
+            return self._pod_header
         return {
+            **self._pod_header,
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Credentials": "true",
             "Vary": "Origin",
         }
 
     def polling_response(self, request: Request, body: bytes) -> bytes:
-        headers = {"Cache-Control": "no-store", **self._cors(request)}
+        headers = {"Cache-Control": "no-store", **self._headers(request)}
         return response(
             200, body, "text/plain; charset=UTF-8", headers=headers, keep_alive=request.keep_alive
         )
 
     def post_response(self, request: Request) -> bytes:
-        headers = {"Cache-Control": "no-store", **self._cors(request)}
+        headers = {"Cache-Control": "no-store", **self._headers(request)}
         return response(200, b"ok", "text/html", headers=headers, keep_alive=request.keep_alive)
 
     def error_response(
@@ -243,11 +252,11 @@ class SocketIOServer:
         return json_response(
             status,
             error_body(code, message),
-            headers={**self._cors(request), **(headers or {})},
+            headers={**self._headers(request), **(headers or {})},
             keep_alive=request.keep_alive,
         )
 
-    def handle(self, connection: Connection, request: Request, head: bytes) -> bytes | None:
+    def handle(self, connection: Connection, request: Request) -> bytes | None:
         """One HTTP request under the socket.io path: bytes to answer now, or None when the
         request is held (a long poll) or the connection became a websocket."""
         if request.path not in (self.path, self.prefix):
@@ -261,7 +270,7 @@ class SocketIOServer:
         if request.method == "OPTIONS":
             allow_headers = request.header("access-control-request-headers") or "content-type"
             headers = {
-                **self._cors(request),
+                **self._headers(request),
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Allow-Headers": allow_headers,
                 "Access-Control-Max-Age": "600",
@@ -276,14 +285,21 @@ class SocketIOServer:
         sid = request.query_value("sid")
         if sid is not None:
             session = self.sessions.get(sid)
+            if session is not None:
+                # A deadline that has passed counts before this request, even when the event
+                # loop reads the request before it runs the session's timer.
+                session.expire(time.monotonic())
             if session is None or not (session.open or session.closing):
                 # Another pod's session (the affinity cookie did not hold) or an ended one: the
                 # client reconnects, and recovers with its pid and offset.
                 return self.error_response(request, 400, UNKNOWN_SID)
             if transport == "websocket":
-                if not upgrade or session.ws is not None:
+                if not upgrade:
                     return self.error_response(request, 400, BAD_REQUEST)
-                connection.upgrade_with(request, head, self._probe_factory(session))
+                if session.ws is not None:  # upgraded already: as engine.io, accept and close
+                    connection.upgrade_with(request, self._closed_factory(session))
+                    return None
+                connection.upgrade_with(request, self._probe_factory(session))
                 return None
             if session.ws is not None:
                 return self.error_response(request, 400, BAD_REQUEST, "transport mismatch")
@@ -303,7 +319,7 @@ class SocketIOServer:
             return self.error_response(request, 503, BAD_REQUEST, message, {"Retry-After": "5"})
         query_token = request.query_value("token")
         if transport == "websocket":
-            connection.upgrade_with(request, head, self._websocket_factory(query_token))
+            connection.upgrade_with(request, self._websocket_factory(query_token))
             return None
         session = self._new_session(query_token)
         return self.polling_response(request, self._open_packet(session, ["websocket"]))
@@ -320,6 +336,7 @@ class SocketIOServer:
         sid = secrets.token_urlsafe(15)
         session = SioSession(self, sid, query_token)
         self.sessions[sid] = session
+        session.arm()
         self._pod.metrics.connections_opened.inc()
         return session
 
@@ -328,10 +345,9 @@ class SocketIOServer:
         return open_packet(
             session.sid,
             upgrades,
-            int(settings.socketio_ping_interval_s * 1000),
-            int(settings.socketio_ping_timeout_s * 1000),
+            round(settings.socketio_ping_interval_s * 1000),
+            round(settings.socketio_ping_timeout_s * 1000),
             settings.max_request_bytes,
-            settings.pod_name,
         )
 
     def _websocket_factory(self, query_token: str | None) -> Any:
@@ -353,17 +369,27 @@ class SocketIOServer:
 
         return factory
 
+    def _closed_factory(self, session: SioSession) -> Any:
+        """A websocket for a session that has one: closed at once, the session untouched."""
+
+        def factory(transport: asyncio.Transport, protocol: ServerProtocol) -> WsTransport:
+            ws = WsTransport(self, transport, protocol, session, probing=True)
+            ws.close(CloseCode.NORMAL, "already upgraded")
+            return ws
+
+        return factory
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """Heartbeats, deadlines and maximum ages, about twice a second."""
+        """Send budgets and maximum ages, about twice a second."""
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(MAINTENANCE_TICK_S)
             now = time.monotonic()
             for session in list(self.sessions.values()):
                 try:
-                    session.tick(now)
-                except Exception:  # one bad session must not stop the heartbeat of the others
-                    log.exception("socket.io session tick failed")
+                    session.maintain(now)
+                except Exception:  # one bad session must not stop the checks of the others
+                    log.exception("socket.io session maintenance failed")
                     session.terminate("internal error")
 
     def close_all(self, code: CloseCode, reason: str) -> None:

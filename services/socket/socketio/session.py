@@ -29,8 +29,9 @@ from services.core.auth import Claims, InvalidToken, verify_token
 from services.core.broker import BrokerBusy, BrokerUnavailable, OutgoingMessage
 from services.core.channels import is_valid_channel
 from services.core.closecodes import CloseCode
-from services.core.envelope import Envelope, dumps
+from services.core.envelope import Envelope
 from services.core.ids import new_message_id
+from services.core.messages import InvalidData, encode_data
 from services.socket.guards import Flood, FloodGuard, TokenExpiry
 from services.socket.history import Entry
 from services.socket.socketio.engine import EngineSession
@@ -130,21 +131,37 @@ class SioSession(EngineSession):
     def sub(self) -> str | None:
         return self.claims.sub if self.claims is not None else None
 
-    def tick(self, now: float) -> None:
-        super().tick(now)
-        if self._fresh:
+    def _connect_deadline(self) -> float | None:
+        """No namespace connected (nor a recovery under way) since then: closed at this time."""
+        if not self.open or self.connected or self.connecting:
+            return None
+        return self._unconnected_since + self.server.settings.socketio_connect_timeout_s
+
+    def _fresh_until(self) -> float | None:
+        """When the oldest room joined moments ago stops being one (recovery.py)."""
+        if not self.open or not self._fresh:
+            return None
+        oldest = min(joined_at for _, joined_at in self._fresh.values())
+        return oldest + 2 * self.server.settings.position_slack_ms / 1000
+
+    def due_at(self) -> float | None:
+        due = super().due_at()
+        for other in (self._connect_deadline(), self._fresh_until()):
+            if other is not None and (due is None or other < due):
+                due = other
+        return due
+
+    def expire(self, now: float) -> None:
+        super().expire(now)
+        fresh_until = self._fresh_until()
+        if fresh_until is not None and now >= fresh_until:
             window = 2 * self.server.settings.position_slack_ms / 1000
             for room, (_, joined_at) in list(self._fresh.items()):
                 if now - joined_at >= window:
                     del self._fresh[room]
-            if not self._fresh:
-                self._rooms_changed()
-        if (
-            self.open
-            and not self.connected
-            and not self.connecting
-            and now - self._unconnected_since > self.server.settings.socketio_connect_timeout_s
-        ):
+            self._rooms_changed()  # offsets from now on without those join positions
+        connect = self._connect_deadline()
+        if connect is not None and now >= connect:
             self.terminate("no socket.io CONNECT")
 
     # -- packets -----------------------------------------------------------------------------
@@ -283,6 +300,7 @@ class SioSession(EngineSession):
             self.connecting = False
         if self.open and not self.connected:
             self._connect(auth, claims, result="not_recovered")
+        self.arm()  # refused after all: the connect timeout applies again
         self._unbusy()
 
     async def _recover(self, auth: dict[str, Any], claims: Claims | None) -> bool:
@@ -378,6 +396,7 @@ class SioSession(EngineSession):
             if joined is not None:  # still joined moments ago: a second drop needs it too
                 self._fresh[room] = (joined, now)
         self._rooms_changed()
+        self.arm()
         # As socket.io does: the missed events first (the client buffers them until CONNECT).
         for room, entry in replay:
             self.send(self._event_packet(room, entry))
@@ -467,13 +486,11 @@ class SioSession(EngineSession):
             server.publishes.labels("forbidden").inc()
             raise Refused("forbidden", "the token may not publish to this room", room)
         try:
-            encoded = dumps(data)
-        except (TypeError, ValueError):  # pragma: no cover - JSON from the client re-encodes
-            raise Refused("bad_request", "data cannot be encoded as JSON", room) from None
-        limit = server.settings.max_message_bytes
-        if len(encoded) > limit:
+            encoded = encode_data(data, server.settings.max_message_bytes)
+        except InvalidData as exc:  # the same rules as the api's
             server.publishes.labels("rejected").inc()
-            raise Refused("too_large", f"data is {len(encoded)} bytes; the limit is {limit}", room)
+            code = "too_large" if exc.reason == "too_large" else "bad_request"
+            raise Refused(code, exc.detail, room) from None
         envelope = Envelope(new_message_id(), room, orjson.Fragment(encoded), _now_ms(), self.sub)
         # Tasks start in creation order, so the broker sees publishes in the order they came.
         server.track(asyncio.get_running_loop().create_task(self._publish(envelope, ack_id)))
@@ -548,6 +565,7 @@ class SioSession(EngineSession):
             if fresh and self.server.recovery:
                 position = self.server.history.position(room)
                 self._fresh[room] = (position, time.monotonic())
+                self.arm()  # its timer also ends the join position's time in the offsets
             if update:
                 self._rooms_changed()
 
@@ -597,6 +615,7 @@ class SioSession(EngineSession):
         if self.connected:
             self._unconnected_since = time.monotonic()
         self.connected = False
+        self.arm()  # the connect timeout applies again (or, the session ended, nothing does)
         self._expiry.cancel()
         for room in list(self.rooms):
             self.server.room_remove(room, self)
