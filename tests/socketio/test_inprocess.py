@@ -67,16 +67,14 @@ async def pod() -> AsyncIterator[Pod]:
         await running.drain()
 
 
-@pytest.fixture
-async def slack_pod() -> AsyncIterator[Pod]:
-    """A pod whose other rooms resume from the anchor's time minus 3 s (the default is 2 s)."""
+async def _slack_pod(slack_ms: int) -> AsyncIterator[Pod]:
     settings = SocketSettings(
         broker="memory",
         host="127.0.0.1",
         port=0,
         pod_name="inproc-slack",
         token_secret=SECRET,
-        position_slack_ms=3000,
+        position_slack_ms=slack_ms,
         recovery_wait_s=0.5,
         warm_start_timeout_s=2,
         drain_close_window_s=0,
@@ -90,6 +88,20 @@ async def slack_pod() -> AsyncIterator[Pod]:
         yield running
     finally:
         await running.drain()
+
+
+@pytest.fixture
+async def slack_pod() -> AsyncIterator[Pod]:
+    """A pod whose other rooms resume from the anchor's time minus 3 s (the default is 2 s)."""
+    async for running in _slack_pod(3000):
+        yield running
+
+
+@pytest.fixture
+async def short_slack_pod() -> AsyncIterator[Pod]:
+    """POSITION_SLACK_MS 250: a room is "joined moments ago" for half a second."""
+    async for running in _slack_pod(250):
+        yield running
 
 
 @pytest.fixture
@@ -352,3 +364,25 @@ async def test_a_room_joined_moments_ago_recovers_nothing_from_before_the_join(
         got = await driver.wait_messages("c", joined, len(got) + 1)
     assert before not in got
     assert [m for i, m in enumerate(got) if m not in got[:i]] == after
+
+
+async def test_a_join_position_leaves_the_offsets_after_twice_the_slack(
+    short_slack_pod: Pod, driver: SioDriver, room: str
+) -> None:
+    """The join position rides on the offsets only while the room was joined moments ago; then
+    the session's room set is the plain one again (its own timer ends it, no message needed)."""
+    pod = short_slack_pod
+    opts = {"transports": ["websocket"], "auth": {"token": token()}, **RECONNECT}
+    await driver.connect("c", url(pod), **opts)
+    ack = await driver.emit("c", "join", room)
+    assert ack["ok"]
+    await publish(pod, room, 1)
+    await driver.wait_messages("c", room, 1)
+    assert f"~{room}/{ack['position']}~" in driver.last_offset("c")
+    count = 1
+    async with asyncio.timeout(10):
+        while f"~{room}~" not in driver.last_offset("c"):
+            count += 1
+            await publish(pod, room, count)  # each event shows the offset as it stands
+            await driver.wait_messages("c", room, count)
+    assert f"{room}/" not in driver.last_offset("c").split("~", 1)[1]
