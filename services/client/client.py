@@ -346,6 +346,8 @@ class PubsockClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
             self._runner = None
+        if self._state != "closed":  # cancelled mid-attempt: nothing else will say so
+            self._set_state("closed", code=CLOSE_NORMAL, reason="closed by the client")
         for task in list(self._tasks):
             task.cancel()
         if self._own_http and self._http is not None:

@@ -633,3 +633,26 @@ async def test_publish_batch_retries_with_the_ids_of_the_503():
     assert ids[1] == "mine" and len(set(ids)) == 2
     assert bodies[0] == bodies[1]
     assert str(bodies[0]["messages"][0]["id"]) == ids[0]
+
+
+async def test_close_while_connecting_ends_closed():
+    """close() cancels an attempt still in its handshake: the client says closed, not
+    connecting (the first-connect timeout above hit this under load)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts the TCP connection, never answers the handshake
+    try:
+        port = listener.getsockname()[1]
+        client = PubsockClient(f"ws://127.0.0.1:{port}/ws", **FAST)
+        states: list[str] = []
+        client.on("state", lambda detail: states.append(detail["state"]))
+        connecting = asyncio.create_task(client.connect(timeout_s=30))
+        async with asyncio.timeout(5):
+            while client.state != "connecting":
+                await asyncio.sleep(0.01)
+        await client.close()
+        connecting.cancel()
+        assert client.state == "closed"
+        assert states[-1] == "closed"
+    finally:
+        listener.close()
