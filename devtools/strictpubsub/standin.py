@@ -463,25 +463,23 @@ class StandIn:
     async def _acknowledge(
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
-        request = _AcknowledgeRequest.FromString(raw)
-        await self._check(context, "ack_size", check_ack_ids(request.ack_ids))
-        upstream = [a for a in request.ack_ids if not a.startswith(REPLAY_ACK_PREFIX)]
-        if not upstream:
-            return _EMPTY
-        del request.ack_ids[:]
-        request.ack_ids.extend(upstream)
-        return await self._forward(method, request.SerializeToString(), context)
+        return await self._ack_ids_request(method, _AcknowledgeRequest.FromString(raw), context)
 
     async def _modify_ack_deadline(
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = _ModifyAckDeadlineRequest.FromString(raw)
+        return await self._ack_ids_request(method, request, context)
+
+    async def _ack_ids_request(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """Acknowledge or ModifyAckDeadline: the size rule, then upstream without the
+        stand-in's own replay ids (answered here when nothing else is left)."""
         await self._check(context, "ack_size", check_ack_ids(request.ack_ids))
-        upstream = [a for a in request.ack_ids if not a.startswith(REPLAY_ACK_PREFIX)]
-        if not upstream:
+        request = _strip_replay_acks(request)
+        if not request.ack_ids:
             return _EMPTY
-        del request.ack_ids[:]
-        request.ack_ids.extend(upstream)
         return await self._forward(method, request.SerializeToString(), context)
 
     # -- streaming pull ----------------------------------------------------------------------
