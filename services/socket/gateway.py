@@ -1,56 +1,69 @@
-"""The pod's listening protocol: plain HTTP requests, then possibly a websocket upgrade on /ws.
+"""The pod's listening protocol: plain HTTP requests, then possibly a websocket.
 
 One asyncio protocol per TCP connection. h11 reads its requests (http.py: keep-alive, bounded
-sizes; the header timeout is here) and plain HTTP is answered through `routes`. An upgrade's
-head, parsed once, is handed to websockets' sans-I/O `ServerProtocol` for the handshake, and the
-connection becomes a `Session` with a protocol already open.
+sizes; the header timeout is here). A request an endpoint claims (endpoint.py: the native
+websocket, socket.io) goes to it; the rest to the plain routes. An upgrade's head, parsed once,
+is handed to websockets' sans-I/O `ServerProtocol` for the handshake, and the connection then
+belongs to the endpoint's handler, with a protocol already open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from prometheus_client import Counter
 from websockets.datastructures import Headers
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from services.socket.endpoint import Endpoint, WebsocketFactory, WebsocketHandler
 from services.socket.http import HttpError, Request, RequestReader, json_response
-from services.socket.session import Session
-
-if TYPE_CHECKING:
-    from services.socket.pod import Pod
 
 log = logging.getLogger(__name__)
 _ws_logger = logging.getLogger("websockets.server")
 
 
-class Refusal(NamedTuple):
-    """Why a websocket upgrade is refused."""
+@dataclass(slots=True)
+class Gateway:
+    """What every connection of the port shares (built by the pod)."""
 
-    status: int
-    reason: str  # metric label
-    detail: str
+    pod_name: str
+    max_request_bytes: int
+    max_frame_bytes: int
+    header_timeout_s: float
+    keepalive_s: float
+    endpoints: Sequence[Endpoint]
+    routes: Callable[[Request], bytes | Coroutine[Any, Any, bytes]]
+    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+    handshake_rejections: Counter
+    connections: set[Connection] = field(default_factory=set)
+
+    def close_idle(self) -> None:
+        """At the end of a drain: keep-alive connections must not hold the process."""
+        for connection in list(self.connections):
+            connection.close_idle()
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, pod: Pod) -> None:
-        self._pod = pod
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
         self._transport: asyncio.Transport | None = None
-        self._reader = RequestReader(pod.settings.max_request_bytes)
+        self._reader = RequestReader(gateway.max_request_bytes)
         self._timer: asyncio.TimerHandle | None = None
         self._handling = False
-        self.session: Session | None = None
+        self.session: WebsocketHandler | None = None
         self.on_lost: Callable[[], None] | None = None  # a held request (socket.io long poll)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self._pod.http_connections.add(self)
-        self._arm(self._pod.settings.http_header_timeout_s)
+        self._gateway.connections.add(self)
+        self._arm(self._gateway.header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -66,7 +79,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._pod.http_connections.discard(self)
+        self._gateway.connections.discard(self)
         if self.session is not None:
             self.session.connection_lost()
         if self.on_lost is not None:
@@ -107,26 +120,22 @@ class Connection(asyncio.Protocol):
                 return
             if request is None:
                 return  # wait for the rest
-            socketio = self._pod.socketio
-            if socketio is not None and request.path.startswith(socketio.prefix):
-                payload = socketio.handle(self, request)
-                if payload is None:  # a held long poll, or now a socket.io websocket
-                    return
-                self._answered(request, payload, resume=False)
+            endpoint = next((e for e in self._gateway.endpoints if e.handles(request)), None)
+            if endpoint is None:
+                self._answer(request)
                 continue
-            if request.path == "/ws" and request.is_websocket_upgrade:
-                self._upgrade(request)
+            payload = endpoint.handle(self, request)
+            if payload is None:  # held (a long poll), a websocket now, or refused
                 return
-            self._answer(request)
+            self._answered(request, payload, resume=False)
 
     def _answer(self, request: Request) -> None:
         assert self._transport is not None
-        result = self._pod.routes.handle(request)
-        if asyncio.iscoroutine(result):
+        result = self._gateway.routes(request)
+        if not isinstance(result, bytes):
             self._handling = True
-            task = asyncio.get_running_loop().create_task(result)
+            task = self._gateway.spawn(result)
             task.add_done_callback(lambda t: self._answered(request, t.result()))
-            self._pod.track(task)
             return
         assert isinstance(result, bytes)
         self._answered(request, result, resume=False)
@@ -140,7 +149,7 @@ class Connection(asyncio.Protocol):
         if not request.keep_alive:
             self._transport.close()
             return
-        self._arm(self._pod.settings.http_keepalive_s)
+        self._arm(self._gateway.keepalive_s)
         if resume:
             self._process()
 
@@ -164,24 +173,29 @@ class Connection(asyncio.Protocol):
     def writable(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 
-    def upgrade_with(self, request: Request, factory: Callable[..., Any]) -> None:
+    def refuse(self, payload: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(payload)
+        self._transport.close()
+
+    def upgrade_with(self, request: Request, factory: WebsocketFactory) -> None:
         """Completes a websocket handshake, then `factory(transport, protocol)` owns the
-        connection (it must offer `feed`, `abort` and `connection_lost`, as `Session` does).
+        connection.
 
         The head was parsed once, by h11: websockets validates the handshake from it (`accept`)
         and the session gets a protocol that starts open."""
         assert self._transport is not None
         transport = self._transport
-        max_size = self._pod.settings.max_frame_bytes
+        max_size = self._gateway.max_frame_bytes
         handshake = ServerProtocol(max_size=max_size, logger=_ws_logger)
         response = handshake.accept(WsRequest(request.target, Headers(request.raw_headers)))
-        response.headers["X-Pubsock-Pod"] = self._pod.settings.pod_name
+        response.headers["X-Pubsock-Pod"] = self._gateway.pod_name
         handshake.send_response(response)
         for data in handshake.data_to_send():
             if data:
                 transport.write(data)
         if response.status_code != 101:
-            self._pod.metrics.handshake_rejections.labels("invalid").inc()
+            self._gateway.handshake_rejections.labels("invalid").inc()
             transport.close()
             return
         self._disarm()
@@ -190,25 +204,3 @@ class Connection(asyncio.Protocol):
         rest = self._reader.leftover
         if rest:
             self.session.feed(rest)
-
-    # -- websocket ---------------------------------------------------------------------------
-    def _upgrade(self, request: Request) -> None:
-        assert self._transport is not None
-        transport = self._transport
-        admission = self._pod.admit(request)
-        if isinstance(admission, Refusal):
-            status, reason, detail = admission
-            self._pod.metrics.handshake_rejections.labels(reason).inc()
-            headers = {"Retry-After": "5"} if status == 503 else None
-            transport.write(
-                json_response(status, {"detail": detail}, headers=headers, keep_alive=False)
-            )
-            transport.close()
-            return
-
-        def open_session(transport: asyncio.Transport, protocol: ServerProtocol) -> Session:
-            session = Session(self._pod, transport, protocol, admission)
-            self._pod.session_opened(session)
-            return session
-
-        self.upgrade_with(request, open_session)

@@ -1,40 +1,22 @@
 """The one place on a pod that owns channel subscriptions: who listens to what, history, fan-out.
 
-Fan-out writes one pre-built frame to every session of a channel in a plain loop: no `await` per
-connection, so a slow client can never hold up the others; a session over its send budget is
-closed with 1013 after the loop.
+Every kind of session subscribes here (delivery.py): one registry, one presence count. Fan-out
+writes pre-built bytes to every session of a channel in a plain loop: no `await` per connection,
+so a slow client can never hold up the others; a session over its send budget is closed after the
+loop. A message is built once per framing per pod (the native frame comes with the history
+entry; another kind's is built at its first session and shared by the rest).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
-from typing import Protocol
-
-import orjson
+from collections.abc import Iterable
 
 from services.core.ids import id_time_ms
+from services.socket.delivery import NATIVE, Framing, Subscriber
 from services.socket.history import NOT_RECOVERED, Entry, History, Recovery
 from services.socket.metrics import SocketMetrics
 from services.socket.presence import Presence, PresenceEvent
-from services.socket.wsframe import text_frame
-
-
-class Subscriber(Protocol):
-    """What the hub needs of a session."""
-
-    @property
-    def sub(self) -> str | None: ...
-
-    def deliver(self, frame: bytes) -> bool:
-        """Writes a live frame; False when the session is over its send budget."""
-        ...
-
-    def close_slow(self) -> None: ...
-
-    def wants_presence(self, channel: str) -> bool: ...
-
-    def send_raw(self, frame: bytes) -> None: ...
 
 
 class Hub:
@@ -52,9 +34,6 @@ class Hub:
         self._channels: dict[str, set[Subscriber]] = {}
         self._arrivals: dict[tuple[str, str], asyncio.Future[None]] = {}
         self.subscription_count = 0
-        # Set only while another kind of subscriber (socket.io rooms) exists on this pod: called
-        # once per live message, never per connection.
-        self.sidecar: Callable[[str, Entry], None] | None = None
         self._batching = False
         self._pending: dict[Subscriber, list[bytes]] = {}
 
@@ -66,17 +45,25 @@ class Hub:
             waiter.set_result(None)
         if not live:
             return
-        sidecar = self.sidecar
-        if sidecar is not None:
-            sidecar(channel, entry)
         sessions = self._channels.get(channel)
         if not sessions:
             return
-        frame = entry.frame
         self._metrics.frames_sent.inc(len(sessions))
+        native_frame = entry.frame
+        built: dict[Framing, bytes] | None = None  # other framings', once each
         if self._batching:
             pending = self._pending
             for session in sessions:
+                framing = session.framing
+                if framing is NATIVE:
+                    frame = native_frame
+                else:
+                    if built is None:
+                        built = {}
+                    cached = built.get(framing)
+                    if cached is None:
+                        cached = built[framing] = framing.frame(channel, entry)
+                    frame = cached
                 frames = pending.get(session)
                 if frames is None:
                     pending[session] = [frame]
@@ -85,7 +72,17 @@ class Hub:
             return
         slow: list[Subscriber] | None = None
         for session in sessions:
-            if not session.deliver(frame):
+            framing = session.framing
+            if framing is NATIVE:
+                delivered = session.deliver(native_frame)
+            else:
+                if built is None:
+                    built = {}
+                cached = built.get(framing)
+                if cached is None:
+                    cached = built[framing] = framing.frame(channel, entry)
+                delivered = session.deliver(cached)
+            if not delivered:
                 if slow is None:
                     slow = []
                 slow.append(session)
@@ -109,7 +106,10 @@ class Hub:
         self._pending = {}
         slow: list[Subscriber] | None = None
         for session, frames in pending.items():
-            if not session.deliver(frames[0] if len(frames) == 1 else b"".join(frames)):
+            delivered = (
+                session.deliver(frames[0]) if len(frames) == 1 else session.deliver_batch(frames)
+            )
+            if not delivered:
                 if slow is None:
                     slow = []
                 slow.append(session)
@@ -180,14 +180,22 @@ class Hub:
         return created_ms >= self.history.watermark_ms - self.history.position_slack_ms
 
     def presence_events(self, events: list[PresenceEvent]) -> None:
-        """join/leave frames to the sessions that asked for presence on those channels."""
+        """join/leave events to the sessions that asked for presence on those channels, built
+        once per framing."""
         for channel, kind, sub in events:
             sessions = self._channels.get(channel)
             if not sessions:
                 continue
-            frame = text_frame(orjson.dumps({"type": kind, "channel": channel, "sub": sub}))
+            built: dict[Framing, bytes | None] = {}
             for session in sessions:
-                if session.wants_presence(channel):
+                if not session.wants_presence(channel):
+                    continue
+                framing = session.framing
+                if framing in built:
+                    frame = built[framing]
+                else:
+                    frame = built[framing] = framing.presence(channel, kind, sub)
+                if frame is not None:
                     session.send_raw(frame)
 
     def all_sessions(self) -> set[Subscriber]:

@@ -97,7 +97,11 @@ class SocketMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
-        self.connections = Gauge("pubsock_connections", "Open websocket connections", registry=r)
+        self.connections = Gauge(
+            "pubsock_connections",
+            "Open sessions of every kind (native websocket, socket.io)",
+            registry=r,
+        )
         self.subscriptions = Gauge(
             "pubsock_subscriptions", "Channel subscriptions of open connections", registry=r
         )

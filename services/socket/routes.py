@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import mimetypes
 import re
-from collections.abc import Awaitable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.core.auth import mint_token
 from services.socket.http import Request, json_response, response
-
-if TYPE_CHECKING:
-    from services.socket.pod import Pod
+from services.socket.lifecycle import Lifecycle
+from services.socket.settings import SocketSettings
 
 _DEMO_NAME = re.compile(r"^(?=.*\S)[A-Za-z0-9 ._-]{1,40}$")
 _STATIC_TYPES = {
@@ -31,16 +29,26 @@ _STATIC_TYPES = {
 
 
 class Routes:
-    def __init__(self, pod: Pod, web_dir: Path) -> None:
-        self._pod = pod
+    def __init__(
+        self,
+        settings: SocketSettings,
+        lifecycle: Lifecycle,
+        registry: CollectorRegistry,
+        refresh_gauges: Callable[[], None],
+        web_dir: Path,
+    ) -> None:
+        self._settings = settings
+        self._lifecycle = lifecycle
+        self._registry = registry
+        self._refresh_gauges = refresh_gauges
         self._web_dir = web_dir.resolve()
 
-    def handle(self, request: Request) -> bytes | Awaitable[bytes]:
+    def handle(self, request: Request) -> bytes:
         keep_alive = request.keep_alive
         head_only = request.method == "HEAD"
-        pod_header = {"X-Pubsock-Pod": self._pod.settings.pod_name}
+        pod_header = {"X-Pubsock-Pod": self._settings.pod_name}
         path = request.path
-        if path == "/demo/token" and self._pod.settings.demo_tokens:
+        if path == "/demo/token" and self._settings.demo_tokens:
             return self._demo_token(request)
         if request.method not in ("GET", "HEAD"):
             return json_response(
@@ -52,13 +60,13 @@ class Routes:
         if path == "/healthz":
             return json_response(200, {"status": "ok"}, keep_alive=keep_alive, headers=pod_header)
         if path == "/readyz":
-            ready = self._pod.ready
+            ready = self._lifecycle.ready
             return json_response(
                 200 if ready else 503,
                 {
                     "ready": ready,
-                    "pod": self._pod.settings.pod_name,
-                    "draining": self._pod.draining,
+                    "pod": self._settings.pod_name,
+                    "draining": self._lifecycle.draining,
                 },
                 keep_alive=keep_alive,
                 headers=pod_header,
@@ -66,15 +74,15 @@ class Routes:
         if path == "/config.json":
             return json_response(
                 200,
-                {"api_base": self._pod.settings.public_api_url, "pod": self._pod.settings.pod_name},
+                {"api_base": self._settings.public_api_url, "pod": self._settings.pod_name},
                 keep_alive=keep_alive,
                 headers={**pod_header, "Cache-Control": "no-store"},
             )
         if path == "/metrics":
-            self._pod.refresh_gauges()
+            self._refresh_gauges()
             return response(
                 200,
-                generate_latest(self._pod.metrics.registry),
+                generate_latest(self._registry),
                 CONTENT_TYPE_LATEST,
                 keep_alive=keep_alive,
                 head_only=head_only,
@@ -102,7 +110,7 @@ class Routes:
                 {"detail": "name: 1-40 letters, digits, spaces, . _ -"},
                 keep_alive=keep_alive,
             )
-        settings = self._pod.settings
+        settings = self._settings
         token, expires_at = mint_token(
             settings.token_secret, name.strip(), ["demo:*"], ["demo:*"], settings.demo_token_ttl_s
         )

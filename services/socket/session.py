@@ -1,7 +1,10 @@
-"""One websocket connection: reads client frames, writes server frames within a send budget.
+"""The native websocket (`/ws`): one connection reads client frames, writes server frames
+within a send budget.
 
 The websocket protocol itself (framing, control frames, the closing handshake) is websockets'
-sans-I/O `ServerProtocol`; this class wires it to an asyncio transport and to the hub.
+sans-I/O `ServerProtocol`; `Session` wires it to an asyncio transport and to the hub, as a
+`Subscriber` (delivery.py) and a `LiveSession` of the pod's registry. `NativeEndpoint` admits the
+upgrade.
 """
 
 from __future__ import annotations
@@ -11,14 +14,14 @@ import logging
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from websockets.frames import Frame
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from services.core.auth import Claims, InvalidToken, verify_token
+from services.core.auth import Claims
 from services.core.closecodes import CloseCode
 from services.core.protocol import (
     ClientFrame,
@@ -35,47 +38,89 @@ from services.core.protocol import (
     subscribed_frame,
     unsubscribed_frame,
 )
-from services.socket.guards import Flood, FloodGuard, SendBudget, TokenExpiry
-from services.socket.wsframe import MessageAssembler, flush, text_frame
-
-if TYPE_CHECKING:
-    from services.socket.pod import Pod
+from services.socket.access import Access, Refusal, TokenRefused
+from services.socket.delivery import NATIVE, Framing, Wire
+from services.socket.endpoint import HttpConnection
+from services.socket.guards import Flood, FloodGuard, TokenExpiry
+from services.socket.http import Request, json_response
+from services.socket.hub import Hub
+from services.socket.metrics import SocketMetrics
+from services.socket.presence import Presence
+from services.socket.sessions import SessionRegistry
+from services.socket.settings import SocketSettings
+from services.socket.wsframe import text_frame
+from services.socket.wslink import WsLink
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """The settings a native session reads."""
+
+    pod_name: str
+    max_connection_age_s: float
+    send_buffer_max_bytes: int
+    client_frames_per_s: float
+    client_frames_burst: int
+    max_subscriptions_per_connection: int
+    presence_members_max: int
+    close_timeout_s: float
+    ping_interval_s: float
+    ping_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: SocketSettings) -> SessionLimits:
+        return cls(**{name: getattr(settings, name) for name in cls.__slots__})
+
+
+@dataclass(frozen=True, slots=True)
+class NativeParts:
+    """What every native session of a pod shares (built by the pod)."""
+
+    hub: Hub
+    presence: Presence
+    access: Access
+    registry: SessionRegistry
+    metrics: SocketMetrics
+    limits: SessionLimits
+    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+
+
 class Session:
     __slots__ = (
-        "_assembler",
         "_backlog",
-        "_budget",
         "_busy",
-        "_close_timer",
         "_expiry",
         "_flood",
-        "_pod",
+        "_parts",
         "channels",
         "claims",
         "last_seen",
+        "link",
         "max_age_at",
         "open",
         "opened_at",
         "ping_sent_at",
         "presence_channels",
-        "protocol",
         "transport",
+        "wire",
     )
+
+    framing: Framing = NATIVE
 
     def __init__(
         self,
-        pod: Pod,
+        parts: NativeParts,
         transport: asyncio.Transport,
         protocol: ServerProtocol,
         claims: Claims | None,
     ) -> None:
-        self._pod = pod
+        self._parts = parts
+        limits = parts.limits
         self.transport = transport
-        self.protocol = protocol
+        self.wire = Wire(transport, limits.send_buffer_max_bytes)
+        self.link = WsLink(transport, protocol, limits.close_timeout_s)
         self.claims = claims
         self.channels: set[str] = set()
         self.presence_channels: set[str] = set()
@@ -83,16 +128,12 @@ class Session:
         self.opened_at = self.last_seen = time.monotonic()
         # Closed with 1012 at this age (jitter ±10 %), before the load balancer's backend
         # timeout cuts it mid-stream.
-        age_s = pod.settings.max_connection_age_s
+        age_s = limits.max_connection_age_s
         self.max_age_at = self.opened_at + age_s * random.uniform(0.9, 1.1)
         self.ping_sent_at: float | None = None
-        self._budget = SendBudget(pod.settings.send_buffer_max_bytes)
         self._busy = False  # a subscribe is waiting for recovery: later frames queue behind it
         self._backlog: deque[ClientFrame] = deque()
-        self._assembler = MessageAssembler()
-        self._close_timer: asyncio.TimerHandle | None = None
-        settings = pod.settings
-        self._flood = FloodGuard(settings.client_frames_per_s, settings.client_frames_burst)
+        self._flood = FloodGuard(limits.client_frames_per_s, limits.client_frames_burst)
         self._expiry = TokenExpiry(self._expired)
         self._expiry.schedule(claims)
 
@@ -104,46 +145,41 @@ class Session:
         self.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     # -- writing -----------------------------------------------------------------------------
-    def deliver(self, frame: bytes) -> bool:
-        """Writes a live frame unless the unsent data is over budget (then the hub closes us)."""
-        if not self.open:
-            return True
-        transport = self.transport
-        buffered = transport.get_write_buffer_size()
-        # usually 0: the kernel took everything written so far
-        if buffered and not self._budget.admits(buffered):
-            return False
-        transport.write(frame)
-        return True
+    def deliver(self, data: bytes) -> bool:
+        """Writes live frames unless the unsent data is over budget (then the hub closes us)."""
+        return self.wire.deliver(data) if self.open else True
 
-    def stalled(self) -> bool:
-        """Once a maintenance tick: over the send budget since the last tick (SendBudget)."""
-        return self.open and self._budget.stalled(self.transport.get_write_buffer_size())
+    def deliver_batch(self, frames: list[bytes]) -> bool:
+        return self.deliver(b"".join(frames))
+
+    def maintain(self, now: float) -> None:
+        """A maintenance tick: send budget, maximum age, then the websocket ping."""
+        if not self.open:
+            return
+        limits = self._parts.limits
+        if self.wire.stalled():
+            self.close_slow()
+        elif now >= self.max_age_at:
+            self.close(CloseCode.RESTART, "maximum connection age")
+        elif self.ping_sent_at is not None:
+            if now - self.ping_sent_at > limits.ping_timeout_s:
+                self._parts.metrics.closes.labels("ping_timeout").inc()
+                self.abort()
+        elif now - self.last_seen > limits.ping_interval_s:
+            self.ping_sent_at = now
+            self.link.ping(b"pubsock")
 
     def send(self, payload: bytes) -> None:
         """A control or replay frame: always written (bounded by what the client asked for)."""
         if self.open:
             self.transport.write(text_frame(payload))
 
-    def _flush(self) -> None:
-        flush(self.protocol, self.transport)
-
     # -- reading -----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
         self.ping_sent_at = None
-        self.protocol.receive_data(data)
-        for event in self.protocol.events_received():
-            if isinstance(event, Frame):
-                self._on_frame(event)
-        self._flush()
-        if self.protocol.state is State.CLOSING or self.protocol.state is State.CLOSED:
+        if self.link.receive(data, self._on_message):
             self._closing()
-
-    def _on_frame(self, frame: Frame) -> None:
-        message = self._assembler.add(frame)
-        if message is not None:
-            self._on_message(*message)
 
     def _on_message(self, data: bytes, is_text: bool) -> None:
         if not self.open or not self._within_rate():
@@ -168,36 +204,36 @@ class Session:
         if verdict is Flood.FIRST:
             self.send_error(ProtocolError("limit", "too many frames per second"))
         elif verdict is Flood.CLOSE:
-            self._pod.metrics.floods_closed.inc()
+            self._parts.metrics.floods_closed.inc()
             self.close(CloseCode.TRY_AGAIN_LATER, "too many frames")
         return False
 
     def send_error(self, exc: ProtocolError) -> None:
-        self._pod.metrics.client_errors.labels(exc.code).inc()
+        self._parts.metrics.client_errors.labels(exc.code).inc()
         self.send(error_frame(exc.code, str(exc), exc.channel))
 
     def _handle(self, frame: ClientFrame) -> None:
         if isinstance(frame, Subscribe):
             self._subscribe(frame)
         elif isinstance(frame, Unsubscribe):
-            if self._pod.hub.remove(frame.channel, self):
+            if self._parts.hub.remove(frame.channel, self):
                 self.channels.discard(frame.channel)
                 self.presence_channels.discard(frame.channel)
             self.send(unsubscribed_frame(frame.channel))
         elif isinstance(frame, Ping):
-            self.send(pong_frame(self._pod.settings.pod_name))
+            self.send(pong_frame(self._parts.limits.pod_name))
         elif isinstance(frame, Refresh):
             self._refresh(frame.token)
         elif isinstance(frame, PresenceQuery):
             if self._forbidden(frame.channel):
                 return
-            count, members = self._pod.presence.count(frame.channel)
+            count, members = self._parts.presence.count(frame.channel)
             reply: dict[str, object] = {
                 "type": "presence",
                 "channel": frame.channel,
                 "count": count,
             }
-            if len(members) <= self._pod.settings.presence_members_max:
+            if len(members) <= self._parts.limits.presence_members_max:
                 reply["members"] = [{"sub": sub} for sub in members]
             self.send(orjson.dumps(reply))
 
@@ -211,22 +247,15 @@ class Session:
         return True
 
     def _refresh(self, token: str) -> None:
-        secret = self._pod.settings.token_secret
-        if not secret:
-            self.send_error(ProtocolError("bad_request", "this server does not use tokens"))
-            return
         try:
-            claims = verify_token(token, secret)
-        except InvalidToken:
-            self.send_error(ProtocolError("forbidden", "invalid or expired token"))
-            return
-        if self.claims is not None and claims.sub != self.claims.sub:
-            self.send_error(ProtocolError("forbidden", "the new token is for another sub"))
+            claims = self._parts.access.refresh(self.claims, token)
+        except TokenRefused as refused:
+            self.send_error(ProtocolError(refused.code, str(refused)))
             return
         self.claims = claims
         self._expiry.schedule(claims)
         for channel in [c for c in self.channels if not claims.may_subscribe(c)]:
-            self._pod.hub.remove(channel, self)
+            self._parts.hub.remove(channel, self)
             self.channels.discard(channel)
             self.presence_channels.discard(channel)
             self.send(unsubscribed_frame(channel))
@@ -237,7 +266,7 @@ class Session:
         if self._forbidden(channel):
             return
         if channel not in self.channels and (
-            len(self.channels) >= self._pod.settings.max_subscriptions_per_connection
+            len(self.channels) >= self._parts.limits.max_subscriptions_per_connection
         ):
             self.send_error(ProtocolError("limit", "too many subscriptions", channel))
             return
@@ -245,20 +274,17 @@ class Session:
             self._attach(channel, None, frame.presence)
             return
         self._busy = True
-        task = asyncio.get_running_loop().create_task(
-            self._subscribe_since(channel, frame.since, frame.presence)
-        )
-        self._pod.track(task)
+        self._parts.spawn(self._subscribe_since(channel, frame.since, frame.presence))
 
     async def _subscribe_since(self, channel: str, since: str, presence: bool) -> None:
         try:
-            recovery = await self._pod.hub.recover(channel, since)
+            recovery = await self._parts.hub.recover(channel, since)
             if self.open:
                 # No await between taking the history slice and joining the live stream.
                 self._attach(channel, recovery.recovered, presence)
                 for entry in recovery.entries:
                     self.send_raw(entry.frame)
-                self._budget.replayed(self.transport.get_write_buffer_size())
+                self.wire.replayed()
         finally:
             self._busy = False
             while self._backlog and not self._busy and self.open:
@@ -274,7 +300,7 @@ class Session:
     def _attach(self, channel: str, recovered: bool | None, presence: bool) -> None:
         """Joins the live stream. The session's own join is not sent to itself: it listens for
         presence events only from after it joined."""
-        hub = self._pod.hub
+        hub = self._parts.hub
         if channel not in self.channels:  # a repeated subscribe keeps its place
             hub.add(channel, self)
             self.channels.add(channel)
@@ -290,17 +316,14 @@ class Session:
         if not self.open:
             return
         self._detach()
-        self._pod.metrics.closes.labels(str(int(code))).inc()
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_close(int(code), reason)
-            self._flush()
-        self._arm_close_timer()
+        self._parts.metrics.closes.labels(str(int(code))).inc()
+        self.link.close(int(code), reason)
 
     def close_slow(self) -> None:
         """Over the send budget: close with 1013 and flush what fits; never wait for the client."""
         if not self.open:
             return
-        self._pod.metrics.slow_consumer_closes.inc()
+        self._parts.metrics.slow_consumer_closes.inc()
         self.close(CloseCode.TRY_AGAIN_LATER, "too slow to keep up")
         self.transport.close()
 
@@ -308,29 +331,58 @@ class Session:
         self._detach()
         self.transport.abort()
 
-    def _arm_close_timer(self) -> None:
-        if self._close_timer is None:
-            loop = asyncio.get_running_loop()
-            self._close_timer = loop.call_later(
-                self._pod.settings.close_timeout_s, self.transport.abort
-            )
-
     def _closing(self) -> None:
         """The client started or finished the closing handshake."""
         self._detach()
-        self._arm_close_timer()
+        self.link.arm_close_timer()
 
     def _detach(self) -> None:
         self._expiry.cancel()
         if self.open:
             self.open = False
-            self._pod.hub.remove_all(self.channels, self)
+            self._parts.hub.remove_all(self.channels, self)
             self.channels.clear()
             self.presence_channels.clear()
             self._backlog.clear()
 
     def connection_lost(self) -> None:
         self._detach()
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-        self._pod.session_closed(self)
+        self.link.connection_lost()
+        self._parts.registry.closed(self)
+
+
+class NativeEndpoint:
+    """`/ws`: admits a websocket upgrade (readiness, origin, capacity, token) and opens a
+    `Session` on it."""
+
+    def __init__(self, parts: NativeParts) -> None:
+        self._parts = parts
+
+    def handles(self, request: Request) -> bool:
+        return request.path == "/ws" and request.is_websocket_upgrade
+
+    def handle(self, connection: HttpConnection, request: Request) -> bytes | None:
+        parts = self._parts
+        refusal = parts.access.admit(request.header("origin"))
+        if refusal is None:
+            try:
+                claims = parts.access.authenticate(request.query_value("token"), "/ws?token=<jwt>")
+            except TokenRefused as refused:
+                refusal = Refusal(401, refused.reason, str(refused))
+        if refusal is not None:
+            status, reason, detail = refusal
+            parts.metrics.handshake_rejections.labels(reason).inc()
+            headers = {"Retry-After": "5"} if status == 503 else None
+            connection.refuse(
+                json_response(status, {"detail": detail}, headers=headers, keep_alive=False)
+            )
+            return None
+
+        def open_session(transport: asyncio.Transport, protocol: ServerProtocol) -> Session:
+            session = Session(parts, transport, protocol, claims)
+            parts.registry.opened(session)
+            parts.metrics.connections_opened.inc()
+            return session
+
+        connection.upgrade_with(request, open_session)
+        return None

@@ -251,7 +251,7 @@ async def test_a_foreign_or_forged_pid_starts_a_new_session(
     pod: Pod, driver: SioDriver, room: str
 ) -> None:
     assert pod.socketio is not None
-    pid = pod.socketio.signer.sign("sid-of-ann", "ann", [room])
+    pid = pod.socketio.ctx.signer.sign("sid-of-ann", "ann", [room])
     offset = f"{room}/@{int(time.time() * 1000)}"
     ws = {"transports": ["websocket"], "reconnection": False}
     other_sub = await driver.connect(
@@ -270,17 +270,18 @@ async def test_a_foreign_or_forged_pid_starts_a_new_session(
     assert owner["ev"] == "connect" and owner["id"] == "sid-of-ann"
 
 
-async def test_rooms_cost_the_native_path_nothing_when_empty(
+async def test_a_room_is_a_channel_of_the_one_hub_registry(
     pod: Pod, driver: SioDriver, room: str
 ) -> None:
-    """The hub calls into socket.io only while a socket.io client is in some room on the pod."""
-    assert pod.hub.sidecar is None
+    """socket.io sessions subscribe to the hub as native ones do: one registry, one count."""
+    assert pod.hub.session_count(room) == 0
     await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
-    assert pod.hub.sidecar is None
+    assert pod.hub.session_count(room) == 0
     await driver.emit("c", "join", room)
-    assert pod.hub.sidecar is not None
+    assert pod.hub.session_count(room) == 1
+    assert len(pod.sessions) == 1
     await driver.emit("c", "leave", room)
-    assert pod.hub.sidecar is None
+    assert pod.hub.session_count(room) == 0
 
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))

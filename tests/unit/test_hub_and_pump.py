@@ -7,6 +7,7 @@ import orjson
 from services.core.broker import Delivery
 from services.core.channels import NamespaceLabeler
 from services.core.envelope import Envelope
+from services.socket.delivery import NATIVE
 from services.socket.history import History
 from services.socket.hub import Hub
 from services.socket.metrics import SocketMetrics
@@ -15,6 +16,7 @@ from services.socket.pump import Pump
 
 class FakeSession:
     sub = None
+    framing = NATIVE
 
     def __init__(self, slow: bool = False) -> None:
         self.frames: list[bytes] = []
@@ -26,6 +28,9 @@ class FakeSession:
             return False
         self.frames.append(frame)
         return True
+
+    def deliver_batch(self, frames: list[bytes]) -> bool:
+        return self.deliver(b"".join(frames))
 
     def close_slow(self) -> None:
         self.closed_slow = True

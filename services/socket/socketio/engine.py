@@ -23,15 +23,16 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
-from websockets.frames import Frame
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from services.core.closecodes import CloseCode
+from services.socket.delivery import Framing, Wire
+from services.socket.endpoint import HttpConnection
 from services.socket.guards import SendBudget
 from services.socket.http import Request
+from services.socket.socketio.context import SioContext
+from services.socket.socketio.frames import framing_for
 from services.socket.socketio.protocol import (
     CLOSE,
     EIO_CLOSE,
@@ -47,11 +48,8 @@ from services.socket.socketio.protocol import (
     PacketError,
     decode_payload,
 )
-from services.socket.wsframe import MessageAssembler, flush, text_frame
-
-if TYPE_CHECKING:
-    from services.socket.gateway import Connection
-    from services.socket.socketio.server import SocketIOServer
+from services.socket.wsframe import text_frame
+from services.socket.wslink import WsLink
 
 log = logging.getLogger(__name__)
 
@@ -61,62 +59,36 @@ TIMER_MIN_S = 0.001
 
 
 class WsTransport:
-    """A websocket carrying Engine.IO packets; it is the gateway connection's `session`."""
+    """A websocket carrying Engine.IO packets; it owns the gateway connection."""
 
-    __slots__ = (
-        "_assembler",
-        "_close_timer",
-        "_ended",
-        "_server",
-        "engine",
-        "open",
-        "probing",
-        "protocol",
-        "transport",
-    )
+    __slots__ = ("_ended", "engine", "link", "open", "probing", "transport")
 
     def __init__(
         self,
-        server: SocketIOServer,
+        ctx: SioContext,
         transport: asyncio.Transport,
         protocol: ServerProtocol,
         engine: EngineSession,
         probing: bool,
     ) -> None:
-        self._server = server
         self.transport = transport
-        self.protocol = protocol
+        self.link = WsLink(transport, protocol, ctx.settings.close_timeout_s)
         self.engine = engine
         self.probing = probing
         self.open = True
         self._ended = False
-        self._assembler = MessageAssembler()
-        self._close_timer: asyncio.TimerHandle | None = None
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, packet: bytes) -> None:
         if self.open:
             self.transport.write(text_frame(packet))
 
-    def _flush(self) -> None:
-        flush(self.protocol, self.transport)
-
     # -- reading (the gateway calls feed, abort, connection_lost) ------------------------------
     def feed(self, data: bytes) -> None:
-        self.protocol.receive_data(data)
-        for event in self.protocol.events_received():
-            if isinstance(event, Frame):
-                self._on_frame(event)
-        self._flush()
-        if self.protocol.state is State.CLOSING or self.protocol.state is State.CLOSED:
+        if self.link.receive(data, self._on_message):
             self.open = False
-            self._arm_close_timer()
+            self.link.arm_close_timer()
             self._end()
-
-    def _on_frame(self, frame: Frame) -> None:
-        message = self._assembler.add(frame)
-        if message is not None:
-            self._on_message(*message)
 
     def _on_message(self, data: bytes, is_text: bool) -> None:
         if not self.open:
@@ -134,26 +106,16 @@ class WsTransport:
         if not self.open:
             return
         self.open = False
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_close(code, reason)
-            self._flush()
-        self._arm_close_timer()
+        self.link.close(code, reason)
 
     def abort(self) -> None:
         self.open = False
         self.transport.abort()
         self._end()
 
-    def _arm_close_timer(self) -> None:
-        if self._close_timer is None:
-            self._close_timer = asyncio.get_running_loop().call_later(
-                self._server.settings.close_timeout_s, self.transport.abort
-            )
-
     def connection_lost(self) -> None:
         self.open = False
-        if self._close_timer is not None:
-            self._close_timer.cancel()
+        self.link.connection_lost()
         self._end()
 
     def _end(self) -> None:
@@ -163,7 +125,9 @@ class WsTransport:
 
 
 class EngineSession:
-    """One Engine.IO session; `SioSession` adds the Socket.IO layer on top."""
+    """One Engine.IO session; `SioSession` adds the Socket.IO layer on top. To the hub it is a
+    `Subscriber` whose framing follows its transport (polling packets or websocket frames) and
+    its room set; to the pod's registry a `LiveSession`."""
 
     __slots__ = (
         "_budget",
@@ -174,7 +138,9 @@ class EngineSession:
         "_timer",
         "_timer_at",
         "closing",
+        "ctx",
         "deadline",
+        "framing",
         "max_age_at",
         "next_ping_at",
         "open",
@@ -183,20 +149,23 @@ class EngineSession:
         "probe",
         "queue",
         "queued_bytes",
-        "server",
+        "rooms_suffix",
         "sid",
         "upgrading",
         "wire",
         "ws",
     )
 
-    def __init__(self, server: SocketIOServer, sid: str) -> None:
-        settings = server.settings
+    def __init__(self, ctx: SioContext, sid: str) -> None:
+        settings = ctx.settings
         now = time.monotonic()
-        self.server = server
+        self.ctx = ctx
         self.sid = sid
         self.ws: WsTransport | None = None
-        self.wire: asyncio.Transport | None = None  # the websocket's TCP transport, for deliver
+        self.wire: Wire | None = None  # the websocket's TCP transport, for deliver
+        # `~rooms~mac` after each offset once the rooms are not the declared ones (recovery.py)
+        self.rooms_suffix: bytes | None = None
+        self.framing: Framing = framing_for(ctx.frames, False, None)
         self.probe: WsTransport | None = None
         self.upgrading = False
         self.open = True
@@ -204,7 +173,7 @@ class EngineSession:
         self.queue: list[bytes] = []
         self.queued_bytes = 0
         self._budget = SendBudget(settings.send_buffer_max_bytes)
-        self._poll: tuple[Connection, Request] | None = None
+        self._poll: tuple[HttpConnection, Request] | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._interval_s = settings.socketio_ping_interval_s
         self._timeout_s = settings.socketio_ping_timeout_s
@@ -234,39 +203,59 @@ class EngineSession:
         self.queued_bytes += len(packet)
         self._schedule_flush()
 
-    def deliver(self, packet: bytes, frame: bytes) -> bool:
-        """A live message (packet for polling, frame for the websocket); False when the unsent
-        data is over budget (then the caller closes us). The websocket path is the native
-        session's, inline: the same work per delivery."""
+    def deliver(self, data: bytes) -> bool:
+        """A live message as `framing` built it (a websocket frame, or a packet for the poll
+        queue); False when the unsent data is over budget (then the hub closes us)."""
         if not self.open:
             return True
-        transport = self.wire
-        if transport is not None:
-            buffered = transport.get_write_buffer_size()
-            # usually 0: the kernel took everything written so far
-            if buffered and not self._budget.admits(buffered):
-                return False
-            transport.write(frame)
-            return True
+        wire = self.wire
+        if wire is not None:
+            return wire.deliver(data)
         if not self._budget.admits(self.queued_bytes):
             return False
-        self.queue.append(packet)
-        self.queued_bytes += len(packet)
+        self.queue.append(data)
+        self.queued_bytes += len(data)
         self._schedule_flush()
         return True
 
+    def deliver_batch(self, frames: list[bytes]) -> bool:
+        if self.wire is not None or not self.open:
+            return self.deliver(b"".join(frames))
+        if not self._budget.admits(self.queued_bytes):
+            return False
+        self.queue.extend(frames)
+        self.queued_bytes += sum(map(len, frames))
+        self._schedule_flush()
+        return True
+
+    def send_raw(self, data: bytes) -> None:
+        self.deliver(data)
+
+    def wants_presence(self, channel: str) -> bool:
+        return False  # socket.io clients ask with the `presence` event
+
+    def reframe(self) -> None:
+        """After the transport or the room set changed: how the hub frames our messages."""
+        self.framing = framing_for(self.ctx.frames, self.wire is not None, self.rooms_suffix)
+
+    def use_websocket(self, ws: WsTransport) -> None:
+        self.ws = ws
+        self.wire = Wire(ws.transport, self.ctx.settings.send_buffer_max_bytes)
+        self.reframe()
+
     def replayed(self) -> None:
         """A replay is bounded by what the client asked for: do not count it against live data."""
-        ws = self.ws
-        unsent = ws.transport.get_write_buffer_size() if ws is not None else self.queued_bytes
-        self._budget.replayed(unsent)
+        if self.wire is not None:
+            self.wire.replayed()
+        else:
+            self._budget.replayed(self.queued_bytes)
 
     # -- long-polling ------------------------------------------------------------------------
-    def poll(self, connection: Connection, request: Request) -> bytes | None:
+    def poll(self, connection: HttpConnection, request: Request) -> bytes | None:
         """A GET: answered now when something is queued, else held until something is."""
         if self._poll is not None:  # two polls at once: engine.io ends the session
             self.terminate("poll overlap")
-            return self.server.error_response(request, 400, 3)
+            return self.ctx.error_response(request, 400, 3)
         if self.queue or self.upgrading or self.closing:
             return self._poll_response(request)
         self._poll = (connection, request)
@@ -302,23 +291,23 @@ class EngineSession:
             body = NOOP
         if self.closing:  # the close packet is on its way: the sid is gone
             self.closing = False
-            self.server.forget(self)
+            self.ctx.forget(self)
             self.arm()  # nothing is pending any more: the timer goes
-        return self.server.polling_response(request, body)
+        return self.ctx.polling_response(request, body)
 
     def post(self, request: Request) -> bytes:
         if not self.open:  # closing: the close packet waits for the next poll
-            return self.server.post_response(request)
+            return self.ctx.post_response(request)
         try:
             packets = decode_payload(request.body)
         except PacketError:
             self.terminate("parse error")
-            return self.server.error_response(request, 400, 3)
+            return self.ctx.error_response(request, 400, 3)
         for packet in packets:
             if not self.open:
                 break
             self.on_text(packet)
-        return self.server.post_response(request)
+        return self.ctx.post_response(request)
 
     # -- packets from the client ------------------------------------------------------------
     def on_text(self, text: str) -> None:
@@ -353,7 +342,7 @@ class EngineSession:
         if self.probe is not None:
             self.probe.close(CloseCode.NORMAL, "another probe")
         self.probe = ws
-        self.deadline = time.monotonic() + self.server.settings.socketio_upgrade_timeout_s
+        self.deadline = time.monotonic() + self.ctx.settings.socketio_upgrade_timeout_s
         self.arm()
 
     def on_probe_message(self, ws: WsTransport, text: str) -> None:
@@ -377,14 +366,13 @@ class EngineSession:
         held, self._poll = self._poll, None
         if held is not None:
             connection, request = held
-            connection.release(request, self.server.polling_response(request, NOOP))
-        self.ws = ws
-        self.wire = ws.transport
+            connection.release(request, self.ctx.polling_response(request, NOOP))
+        self.use_websocket(ws)
         queued, self.queue, self.queued_bytes = self.queue, [], 0
         self._budget.drained()
         for packet in queued:
             ws.write(packet)
-        self.server.upgraded()
+        self.ctx.upgraded()
 
     def _probe_failed(self, ws: WsTransport) -> None:
         if ws is self.probe:
@@ -448,7 +436,7 @@ class EngineSession:
             self._probe_failed(self.probe)
         if self.ping_deadline is not None:
             if now >= self.ping_deadline:
-                self.server.ping_timeouts.inc()
+                self.ctx.ping_timeouts.inc()
                 self.terminate("ping timeout")
         elif now >= self.next_ping_at:
             # The pong is due pingTimeout after the ping was; a ping late because the loop was
@@ -457,7 +445,7 @@ class EngineSession:
             self.send(PING)
 
     def maintain(self, now: float) -> None:
-        """About twice a second (the server's loop): send budget and maximum age."""
+        """A tick of the pod's maintenance loop: send budget and maximum age."""
         if not self.open:
             return
         if self._stalled():
@@ -469,16 +457,18 @@ class EngineSession:
     def _stalled(self) -> bool:
         """Over the send budget since the last tick: stopped reading (or polling) after a burst."""
         wire = self.wire
-        return self._budget.stalled(
-            wire.get_write_buffer_size() if wire is not None else self.queued_bytes
-        )
+        return wire.stalled() if wire is not None else self._budget.stalled(self.queued_bytes)
+
+    def abort(self) -> None:
+        """The drain's last step for a session that did not end when asked."""
+        self.terminate("server stopped")
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Ends the session so that the client reconnects at once: a websocket close with
         `code`, or an Engine.IO close packet on the next poll."""
         if not self.open:
             return
-        self.server.metrics_close(code)
+        self.ctx.metrics_close(code)
         ws = self.ws
         if ws is not None:
             self._end(reason)
@@ -497,7 +487,7 @@ class EngineSession:
         next poll is refused with 400 and it reconnects, recovering from history)."""
         if not self.open:
             return
-        self.server.slow_closes.inc()
+        self.ctx.slow_closes.inc()
         ws = self.ws
         if ws is not None:
             self.close(CloseCode.TRY_AGAIN_LATER, "too slow to keep up")
@@ -509,7 +499,7 @@ class EngineSession:
         """Ends the session now; a held poll gets `poll_answer` (the close packet by default)."""
         if self.closing:
             self.closing = False
-            self.server.forget(self)
+            self.ctx.forget(self)
             self.arm()  # nothing is pending any more: the timer goes
         if not self.open:
             return
@@ -517,7 +507,7 @@ class EngineSession:
         held, self._poll = self._poll, None
         if held is not None:
             connection, request = held
-            connection.release(request, self.server.polling_response(request, poll_answer))
+            connection.release(request, self.ctx.polling_response(request, poll_answer))
         if self.ws is not None:
             self.ws.abort()
 
@@ -526,7 +516,7 @@ class EngineSession:
         self.arm()  # nothing is pending any more: the timer goes
         self.queue = []
         self.queued_bytes = 0
-        self.server.forget(self)
+        self.ctx.forget(self)
         if self.probe is not None:
             probe, self.probe = self.probe, None
             probe.close(CloseCode.NORMAL)

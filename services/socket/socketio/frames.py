@@ -18,6 +18,8 @@ class EventFrames:
     def __init__(self, event: str, with_offset: bool) -> None:
         self._head = b"42[" + dumps(event) + b","
         self._with_offset = with_offset
+        self.polling_framing = SioFraming(self, False, None)
+        self.websocket_framing = SioFraming(self, True, None)
 
     def build(self, channel: str, entry: Entry) -> tuple[bytes, bytes]:
         """(Engine.IO packet, websocket frame of it); cached on the entry."""
@@ -44,3 +46,43 @@ class EventFrames:
         appended to its offset, the event's last string."""
         varied = packet[:-2] + suffix + b'"]'
         return varied, text_frame(varied)
+
+
+class SioFraming:
+    """socket.io's framing (delivery.py): a message's event packet for long-polling or its
+    websocket frame, for the pod's default offsets or a session's signed room set. Sessions with
+    equal framings share one build per message; those without a room set share one instance."""
+
+    __slots__ = ("_frames", "_hash", "_suffix", "_websocket")
+
+    def __init__(self, frames: EventFrames, websocket: bool, suffix: bytes | None) -> None:
+        self._frames = frames
+        self._websocket = websocket
+        self._suffix = suffix
+        self._hash = hash((websocket, suffix))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SioFraming)
+            and other._websocket == self._websocket
+            and other._suffix == self._suffix
+        )
+
+    def frame(self, channel: str, entry: Entry) -> bytes:
+        packet, frame = self._frames.build(channel, entry)
+        if self._suffix is not None:
+            packet, frame = EventFrames.with_rooms(packet, self._suffix)
+        return frame if self._websocket else packet
+
+    def presence(self, channel: str, kind: str, sub: str | None) -> bytes | None:
+        return None  # socket.io clients ask with the `presence` event
+
+
+def framing_for(frames: EventFrames, websocket: bool, suffix: bytes | None) -> SioFraming:
+    """The shared instance without a room set; a new one with."""
+    if suffix is None:
+        return frames.websocket_framing if websocket else frames.polling_framing
+    return SioFraming(frames, websocket, suffix)

@@ -16,24 +16,25 @@ offsets keep the client's recovery anchor current. See docs/socketio.md.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from services.core.auth import Claims, InvalidToken, verify_token
+from services.core.auth import Claims
 from services.core.broker import BrokerBusy, BrokerUnavailable, OutgoingMessage
 from services.core.channels import is_valid_channel
 from services.core.closecodes import CloseCode
 from services.core.envelope import Envelope
 from services.core.ids import new_message_id
 from services.core.messages import InvalidData, encode_data
+from services.socket.access import TokenRefused
 from services.socket.guards import Flood, FloodGuard, TokenExpiry
 from services.socket.history import Entry
+from services.socket.socketio.context import SioContext
 from services.socket.socketio.engine import EngineSession
 from services.socket.socketio.protocol import (
     BINARY_ACK,
@@ -55,9 +56,6 @@ from services.socket.socketio.recovery import (
     split_room_entry,
     state_offset,
 )
-
-if TYPE_CHECKING:
-    from services.socket.socketio.server import SocketIOServer
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +99,12 @@ class SioSession(EngineSession):
         "pid",
         "query_token",
         "rooms",
-        "rooms_suffix",
         "sio_sid",
     )
 
-    def __init__(self, server: SocketIOServer, sid: str, query_token: str | None) -> None:
-        super().__init__(server, sid)
-        settings = server.settings
+    def __init__(self, ctx: SioContext, sid: str, query_token: str | None) -> None:
+        super().__init__(ctx, sid)
+        settings = ctx.settings
         self.query_token = query_token
         self.connected = False
         self.connecting = False
@@ -116,8 +113,6 @@ class SioSession(EngineSession):
         self.claims: Claims | None = None
         self.rooms: dict[str, None] = {}  # joined, in join order
         self.declared: tuple[str, ...] = ()  # rooms of the CONNECT auth (in the pid)
-        # `~rooms~mac` after each offset once the rooms are not the declared ones (recovery.py)
-        self.rooms_suffix: bytes | None = None
         # Rooms joined moments ago: their position at the join, and when (recovery.py).
         self._fresh: dict[str, tuple[str, float]] = {}
         self._busy = False  # a join with `since` or a recovery is waiting: later packets queue
@@ -135,14 +130,14 @@ class SioSession(EngineSession):
         """No namespace connected (nor a recovery under way) since then: closed at this time."""
         if not self.open or self.connected or self.connecting:
             return None
-        return self._unconnected_since + self.server.settings.socketio_connect_timeout_s
+        return self._unconnected_since + self.ctx.settings.socketio_connect_timeout_s
 
     def _fresh_until(self) -> float | None:
         """When the oldest room joined moments ago stops being one (recovery.py)."""
         if not self.open or not self._fresh:
             return None
         oldest = min(joined_at for _, joined_at in self._fresh.values())
-        return oldest + 2 * self.server.settings.position_slack_ms / 1000
+        return oldest + 2 * self.ctx.settings.position_slack_ms / 1000
 
     def due_at(self) -> float | None:
         due = super().due_at()
@@ -155,7 +150,7 @@ class SioSession(EngineSession):
         super().expire(now)
         fresh_until = self._fresh_until()
         if fresh_until is not None and now >= fresh_until:
-            window = 2 * self.server.settings.position_slack_ms / 1000
+            window = 2 * self.ctx.settings.position_slack_ms / 1000
             for room, (_, joined_at) in list(self._fresh.items()):
                 if now - joined_at >= window:
                     del self._fresh[room]
@@ -206,7 +201,7 @@ class SioSession(EngineSession):
         if packet.type == EVENT and packet.id is not None and self.connected:
             self._ack(packet.id, _error("limit", "too many events per second"))
         if verdict is Flood.CLOSE:
-            self.server.floods_closed()
+            self.ctx.floods_closed()
             self.close(CloseCode.TRY_AGAIN_LATER, "too many events")
         return False
 
@@ -219,24 +214,24 @@ class SioSession(EngineSession):
 
     # -- CONNECT -----------------------------------------------------------------------------
     def _on_connect(self, packet: SioPacket) -> None:
-        server = self.server
+        ctx = self.ctx
         if packet.nsp != "/":
             self.send(connect_error_packet(packet.nsp, "Invalid namespace"))
-            server.connects.labels("refused").inc()
+            ctx.connects.labels("refused").inc()
             return
         if self.connected or self.connecting:
             return
         auth: dict[str, Any] = packet.data or {}
         token = auth.get("token")
         try:
-            claims = server.authenticate(token if isinstance(token, str) else self.query_token)
-        except Refused as refused:
-            self._connect_error(refused)
+            claims = ctx.authenticate(token if isinstance(token, str) else self.query_token)
+        except TokenRefused as refused:
+            self._connect_error(Refused(refused.code, str(refused)))
             return
-        if server.recovery and isinstance(auth.get("pid"), str):
+        if ctx.recovery and isinstance(auth.get("pid"), str):
             self.connecting = True
             self._busy = True
-            server.track(asyncio.get_running_loop().create_task(self._reconnect(auth, claims)))
+            ctx.spawn(self._reconnect(auth, claims))
         else:
             self._connect(auth, claims)
 
@@ -245,11 +240,11 @@ class SioSession(EngineSession):
         if refused.room is not None:
             data["room"] = refused.room
         self.send(connect_error_packet("/", str(refused), data))
-        self.server.connects.labels("refused").inc()
+        self.ctx.connects.labels("refused").inc()
 
     def _connect(self, auth: dict[str, Any], claims: Claims | None, result: str = "new") -> None:
         """A new Socket.IO session: new id and pid, the declared rooms joined."""
-        server = self.server
+        ctx = self.ctx
         try:
             rooms = self._declared_rooms(auth.get("rooms"), claims)
         except Refused as refused:
@@ -257,18 +252,18 @@ class SioSession(EngineSession):
             return
         self.claims = claims
         self.sio_sid = secrets.token_urlsafe(15)
-        self.pid = server.signer.sign(self.sio_sid, self.sub, rooms) if server.recovery else None
+        self.pid = ctx.signer.sign(self.sio_sid, self.sub, rooms) if ctx.recovery else None
         self.declared = tuple(rooms)
         self.connected = True
         for room in rooms:
             self._join(room, update=False)
         self._rooms_changed()
         self.send(connect_packet(self.sio_sid, self.pid))
-        if server.recovery:
+        if ctx.recovery:
             for room in rooms:
                 self._emit_joined(room)
         self._expiry.schedule(self.claims)
-        server.connects.labels(result).inc()
+        ctx.connects.labels(result).inc()
 
     def _declared_rooms(self, value: object, claims: Claims | None) -> list[str]:
         if value is None:
@@ -276,7 +271,7 @@ class SioSession(EngineSession):
         if not isinstance(value, list) or not all(isinstance(room, str) for room in value):
             raise Refused("bad_request", "auth.rooms must be a list of room names")
         rooms = list(dict.fromkeys(value))
-        if len(rooms) > self.server.settings.max_subscriptions_per_connection:
+        if len(rooms) > self.ctx.settings.max_subscriptions_per_connection:
             raise Refused("limit", "too many rooms")
         for room in rooms:
             self._check_room(room, claims)
@@ -293,7 +288,7 @@ class SioSession(EngineSession):
     async def _reconnect(self, auth: dict[str, Any], claims: Claims | None) -> None:
         try:
             if await self._recover(auth, claims):
-                self.server.connects.labels("recovered").inc()
+                self.ctx.connects.labels("recovered").inc()
         except Exception:
             log.exception("socket.io recovery failed")
         finally:
@@ -310,11 +305,11 @@ class SioSession(EngineSession):
         the anchor's time minus POSITION_SLACK_MS (never a gap; a message of that moment may come
         twice, with the same meta.id). No `await` between taking history and joining live.
         """
-        server = self.server
-        session_id = server.signer.verify(auth.get("pid"))
+        ctx = self.ctx
+        session_id = ctx.signer.verify(auth.get("pid"))
         if session_id is None or session_id.sub != (claims.sub if claims else None):
             return False
-        max_rooms = server.settings.max_subscriptions_per_connection
+        max_rooms = ctx.settings.max_subscriptions_per_connection
         offset = parse_offset(auth.get("offset"), max_rooms)
         if offset is None:
             return False
@@ -328,7 +323,7 @@ class SioSession(EngineSession):
             if offset.rooms is None:  # in the declared rooms (and the anchor's) since connect
                 rooms = dict.fromkeys(declared)
             else:  # rooms joined or left since: the last offset carries the set, signed
-                signed = server.signer.verify_rooms(offset.rooms)
+                signed = ctx.signer.verify_rooms(offset.rooms)
                 if signed is None:
                     return False
                 rooms = {}
@@ -346,23 +341,23 @@ class SioSession(EngineSession):
         if len(rooms) > max_rooms:
             return False
         replay: list[tuple[str, Entry]] = []
-        history = server.history
+        history = ctx.history
         for room, joined in rooms.items():
             # Not here yet (the client's pod was ahead): wait for it as a join would.
             if (
                 joined is not None
                 and history.recover(room, joined) is None
-                and not (await server.hub.recover(room, joined)).recovered
+                and not (await ctx.hub.recover(room, joined)).recovered
             ):
                 return False
         sync_ms = offset.sync_ms
         if offset.room is not None and offset.position is not None:
-            recovery = await server.hub.recover(offset.room, offset.position)
-            if not recovery.recovered:
+            anchor = await ctx.hub.recover(offset.room, offset.position)
+            if not anchor.recovered:
                 return False
-            replay.extend((offset.room, entry) for entry in recovery.entries)
+            replay.extend((offset.room, entry) for entry in anchor.entries)
             if sync_ms is None:
-                sync_ms = server.position_ms(offset.room, offset.position)
+                sync_ms = ctx.position_ms(offset.room, offset.position)
         if not self.open or sync_ms is None:
             return False
         for room, joined in rooms.items():
@@ -415,7 +410,7 @@ class SioSession(EngineSession):
         try:
             handler(self, args, packet.id)
         except Refused as refused:
-            self.server.client_errors(refused.code)
+            self.ctx.client_errors(refused.code)
             self._ack(packet.id, refused.body())
 
     def _on_join(self, args: list[Any], ack_id: int | None) -> None:
@@ -426,29 +421,28 @@ class SioSession(EngineSession):
             target = target.get("room")
         room = self._check_room(target, self.claims)
         if room not in self.rooms and (
-            len(self.rooms) >= self.server.settings.max_subscriptions_per_connection
+            len(self.rooms) >= self.ctx.settings.max_subscriptions_per_connection
         ):
             raise Refused("limit", "too many rooms", room)
         if since is None:
             self._join(room)
-            position = self.server.history.position(room)
+            position = self.ctx.history.position(room)
             self._ack(ack_id, {"ok": True, "room": room, "position": position})
-            if self.server.recovery:
+            if self.ctx.recovery:
                 self._emit_joined(room)
             return
         if not isinstance(since, str) or not 0 < len(since) <= POSITION_MAX_CHARS:
             raise Refused("bad_request", "since must be a position string", room)
         self._busy = True
-        task = asyncio.get_running_loop().create_task(self._join_since(room, since, ack_id))
-        self.server.track(task)
+        self.ctx.spawn(self._join_since(room, since, ack_id))
 
     async def _join_since(self, room: str, since: str, ack_id: int | None) -> None:
         try:
-            recovery = await self.server.hub.recover(room, since)
+            recovery = await self.ctx.hub.recover(room, since)
             if self.open and self.connected:
                 # No await between taking the history slice and joining the live stream.
                 self._join(room)
-                position = self.server.history.position(room)
+                position = self.ctx.history.position(room)
                 self._ack(
                     ack_id,
                     {
@@ -461,7 +455,7 @@ class SioSession(EngineSession):
                 for entry in recovery.entries:
                     self.send(self._event_packet(room, entry))
                 self.replayed()
-                if self.server.recovery:
+                if self.ctx.recovery:
                     self._emit_joined(room)
         finally:
             self._unbusy()
@@ -475,33 +469,33 @@ class SioSession(EngineSession):
         self._ack(ack_id, {"ok": True, "room": room})
 
     def _on_publish(self, args: list[Any], ack_id: int | None) -> None:
-        server = self.server
+        ctx = self.ctx
         if len(args) < 2:
             raise Refused("bad_request", "publish takes (room, data)")
         room, data = args[0], args[1]
         if not is_valid_channel(room):
             raise Refused("bad_channel", "invalid room name")
         assert isinstance(room, str)
-        if not server.may_publish(self.claims, room):
-            server.publishes.labels("forbidden").inc()
+        if not ctx.may_publish(self.claims, room):
+            ctx.publishes.labels("forbidden").inc()
             raise Refused("forbidden", "the token may not publish to this room", room)
         try:
-            encoded = encode_data(data, server.settings.max_message_bytes)
+            encoded = encode_data(data, ctx.settings.max_message_bytes)
         except InvalidData as exc:  # the same rules as the api's
-            server.publishes.labels("rejected").inc()
+            ctx.publishes.labels("rejected").inc()
             code = "too_large" if exc.reason == "too_large" else "bad_request"
             raise Refused(code, exc.detail, room) from None
         envelope = Envelope(new_message_id(), room, orjson.Fragment(encoded), _now_ms(), self.sub)
         # Tasks start in creation order, so the broker sees publishes in the order they came.
-        server.track(asyncio.get_running_loop().create_task(self._publish(envelope, ack_id)))
+        ctx.spawn(self._publish(envelope, ack_id))
 
     async def _publish(self, envelope: Envelope, ack_id: int | None) -> None:
-        server = self.server
+        ctx = self.ctx
         message = OutgoingMessage(envelope.encode(), envelope.channel, envelope.attributes())
         try:
-            await server.broker.publish(message)
+            await ctx.broker.publish(message)
         except BrokerBusy:
-            server.publishes.labels("busy").inc()
+            ctx.publishes.labels("busy").inc()
             self._ack(
                 ack_id,
                 _error(
@@ -515,7 +509,7 @@ class SioSession(EngineSession):
         except Exception as exc:
             if not isinstance(exc, BrokerUnavailable):
                 log.error("socket.io publish failed unexpectedly", exc_info=exc)
-            server.publishes.labels("unavailable").inc()
+            ctx.publishes.labels("unavailable").inc()
             self._ack(
                 ack_id,
                 _error(
@@ -526,30 +520,26 @@ class SioSession(EngineSession):
                 ),
             )
             return
-        server.publishes.labels("accepted").inc()
+        ctx.publishes.labels("accepted").inc()
         self._ack(ack_id, {"ok": True, "id": envelope.id, "room": envelope.channel})
 
     def _on_presence(self, args: list[Any], ack_id: int | None) -> None:
         room = self._check_room(args[0] if args else None, self.claims)
-        count, members = self.server.presence_of(room)
+        count, members = self.ctx.presence_of(room)
         body: dict[str, Any] = {"ok": True, "room": room, "count": count}
-        if len(members) <= self.server.settings.presence_members_max:
+        if len(members) <= self.ctx.settings.presence_members_max:
             body["members"] = [{"sub": sub} for sub in members]
         self._ack(ack_id, body)
 
     def _on_refresh(self, args: list[Any], ack_id: int | None) -> None:
         token = args[0] if args else None
-        secret = self.server.settings.token_secret
-        if not secret:
-            raise Refused("bad_request", "this server does not use tokens")
-        if not isinstance(token, str):
+        access = self.ctx.access
+        if access.tokens_required and not isinstance(token, str):
             raise Refused("bad_request", "refresh takes (token)")
         try:
-            claims = verify_token(token, secret)
-        except InvalidToken:
-            raise Refused("forbidden", "invalid or expired token") from None
-        if self.claims is not None and claims.sub != self.claims.sub:
-            raise Refused("forbidden", "the new token is for another sub")
+            claims = access.refresh(self.claims, token)
+        except TokenRefused as refused:
+            raise Refused(refused.code, str(refused)) from None
         self.claims = claims
         self._expiry.schedule(self.claims)
         for room in [r for r in self.rooms if not claims.may_subscribe(r)]:
@@ -561,9 +551,9 @@ class SioSession(EngineSession):
         """`fresh`: a room the client had not been in (not one a recovery restores)."""
         if room not in self.rooms:
             self.rooms[room] = None
-            self.server.room_add(room, self)
-            if fresh and self.server.recovery:
-                position = self.server.history.position(room)
+            self.ctx.hub.add(room, self)
+            if fresh and self.ctx.recovery:
+                position = self.ctx.history.position(room)
                 self._fresh[room] = (position, time.monotonic())
                 self.arm()  # its timer also ends the join position's time in the offsets
             if update:
@@ -573,26 +563,27 @@ class SioSession(EngineSession):
         if room in self.rooms:
             del self.rooms[room]
             self._fresh.pop(room, None)
-            self.server.room_remove(room, self)
+            self.ctx.hub.remove(room, self)
             self._rooms_changed()
-            if self.server.recovery:
+            if self.ctx.recovery:
                 self._emit_left(room)
 
     def _rooms_changed(self) -> None:
         """Rooms other than the pid's, or joined moments ago, are carried, signed, by every
         offset from now on."""
-        if not self.server.recovery or (not self._fresh and set(self.rooms) == set(self.declared)):
+        if not self.ctx.recovery or (not self._fresh and set(self.rooms) == set(self.declared)):
             self.rooms_suffix = None
         else:
             fresh = self._fresh
             entries = [room_entry(r, fresh[r][0] if r in fresh else None) for r in self.rooms]
-            self.rooms_suffix = self.server.signer.rooms_suffix(entries).encode()
+            self.rooms_suffix = self.ctx.signer.rooms_suffix(entries).encode()
+        self.reframe()
 
     def _event_packet(self, room: str, entry: Entry) -> bytes:
         """A message's packet for this session: the pod's one, or with our room set."""
-        packet = self.server.frames.build(room, entry)[0]
+        packet = self.ctx.frames.build(room, entry)[0]
         suffix = self.rooms_suffix
-        return packet if suffix is None else self.server.frames.with_rooms(packet, suffix)[0]
+        return packet if suffix is None else self.ctx.frames.with_rooms(packet, suffix)[0]
 
     def _offset(self, room: str | None, position: str | None) -> str:
         offset = state_offset(room, position, _now_ms())
@@ -601,13 +592,13 @@ class SioSession(EngineSession):
 
     def _emit_joined(self, room: str) -> None:
         """Moves the client's recovery anchor to this room, at where it stands now."""
-        position = self.server.history.position(room)
+        position = self.ctx.history.position(room)
         self._emit(JOINED_EVENT, {"room": room, "position": position}, self._offset(room, position))
 
     def _emit_left(self, room: str) -> None:
         """The anchor moves to the latest joined room not declared at connect, if any."""
         anchor = next((r for r in reversed(self.rooms) if r not in self.declared), None)
-        position = self.server.history.position(anchor) if anchor is not None else None
+        position = self.ctx.history.position(anchor) if anchor is not None else None
         self._emit(LEFT_EVENT, {"room": room}, self._offset(anchor, position))
 
     def _detach(self) -> None:
@@ -618,10 +609,11 @@ class SioSession(EngineSession):
         self.arm()  # the connect timeout applies again (or, the session ended, nothing does)
         self._expiry.cancel()
         for room in list(self.rooms):
-            self.server.room_remove(room, self)
+            self.ctx.hub.remove(room, self)
         self.rooms.clear()
         self._fresh.clear()
         self.rooms_suffix = None
+        self.reframe()
         self._backlog.clear()
 
     def _unbusy(self) -> None:
