@@ -52,6 +52,10 @@ class Access:
             return Refusal(503, "capacity", "this pod is at its connection limit; try another")
         return None
 
+    def allows_origin(self, origin: str | None) -> bool:
+        """`ALLOWED_ORIGINS` alone (a request that opens no session: a preflight, a query)."""
+        return origin_allowed(origin, self._origins)
+
     def authenticate(self, token: str | None, how: str) -> Claims | None:
         """The claims of a session's token (None when tokens are off); `how` says where a
         missing token goes."""

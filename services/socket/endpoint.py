@@ -1,8 +1,8 @@
 """What an endpoint of the pod's port gets from the connection it answers, and what it offers.
 
 The gateway (gateway.py) reads HTTP requests and hands those an endpoint claims to it: the native
-websocket (`/ws`), socket.io (`/socket.io/`), and later kinds. These protocols keep the
-dependencies pointing one way: endpoints know this module, never the gateway.
+websocket (`/ws`), socket.io (`/socket.io/`), Server-Sent Events (`/sse`), and later kinds. These
+protocols keep the dependencies pointing one way: endpoints know this module, never the gateway.
 """
 
 from __future__ import annotations
@@ -16,17 +16,21 @@ from websockets.server import ServerProtocol
 from services.socket.http import Request
 
 
-class WebsocketHandler(Protocol):
-    """What owns a connection once it is a websocket."""
+class ConnectionHandler(Protocol):
+    """What owns a connection once it is no longer plain HTTP (a websocket, a response stream)."""
 
-    def feed(self, data: bytes) -> None: ...
+    def feed(self, data: bytes) -> None:
+        """Bytes the client sent."""
+        ...
 
     def abort(self) -> None: ...
 
     def connection_lost(self) -> None: ...
 
 
+WebsocketHandler = ConnectionHandler
 WebsocketFactory = Callable[[asyncio.Transport, ServerProtocol], WebsocketHandler]
+StreamFactory = Callable[[asyncio.Transport], ConnectionHandler]
 
 
 class HttpConnection(Protocol):
@@ -51,10 +55,17 @@ class HttpConnection(Protocol):
         connection."""
         ...
 
+    def stream(self, head: bytes, factory: StreamFactory) -> None:
+        """Writes `head`, the head of a response whose body lasts until the connection closes
+        (no length: `stream_head` in http.py), then `factory(transport)` owns the connection:
+        it writes the body and gets what the client sends."""
+        ...
+
 
 class Endpoint(Protocol):
     def handles(self, request: Request) -> bool: ...
 
     def handle(self, connection: HttpConnection, request: Request) -> bytes | None:
-        """The response to write now, or None: held, upgraded or refused (connection closed)."""
+        """The response to write now, or None: held, upgraded, streaming or refused (connection
+        closed)."""
         ...

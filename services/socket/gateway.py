@@ -1,10 +1,11 @@
-"""The pod's listening protocol: plain HTTP requests, then possibly a websocket.
+"""The pod's listening protocol: plain HTTP requests, then possibly a websocket or a stream.
 
 One asyncio protocol per TCP connection. h11 reads its requests (http.py: keep-alive, bounded
 sizes; the header timeout is here). A request an endpoint claims (endpoint.py: the native
-websocket, socket.io) goes to it; the rest to the plain routes. An upgrade's head, parsed once,
-is handed to websockets' sans-I/O `ServerProtocol` for the handshake, and the connection then
-belongs to the endpoint's handler, with a protocol already open.
+websocket, socket.io, Server-Sent Events) goes to it; the rest to the plain routes. An upgrade's
+head, parsed once, is handed to websockets' sans-I/O `ServerProtocol` for the handshake, and the
+connection then belongs to the endpoint's handler, with a protocol already open. A streamed
+response (SSE) writes its head and the connection belongs to the endpoint's handler likewise.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from services.socket.endpoint import Endpoint, WebsocketFactory, WebsocketHandler
+from services.socket.endpoint import (
+    ConnectionHandler,
+    Endpoint,
+    StreamFactory,
+    WebsocketFactory,
+)
 from services.socket.http import HttpError, Request, RequestReader, json_response
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,7 @@ class Connection(asyncio.Protocol):
         self._reader = RequestReader(gateway.max_request_bytes)
         self._timer: asyncio.TimerHandle | None = None
         self._handling = False
-        self.session: WebsocketHandler | None = None
+        self.session: ConnectionHandler | None = None
         self.on_lost: Callable[[], None] | None = None  # a held request (socket.io long poll)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -125,7 +131,7 @@ class Connection(asyncio.Protocol):
                 self._answer(request)
                 continue
             payload = endpoint.handle(self, request)
-            if payload is None:  # held (a long poll), a websocket now, or refused
+            if payload is None:  # held (a long poll), a websocket or a stream now, or refused
                 return
             self._answered(request, payload, resume=False)
 
@@ -165,7 +171,7 @@ class Connection(asyncio.Protocol):
         self._answered(request, payload)
 
     def close_idle(self) -> None:
-        """Closes the connection if it is plain HTTP (no websocket session): at the end of a
+        """Closes the connection if it is plain HTTP (no websocket or stream): at the end of a
         drain, a keep-alive connection must not hold the process."""
         if self.session is None and self._transport is not None:
             self._transport.close()
@@ -201,6 +207,18 @@ class Connection(asyncio.Protocol):
         self._disarm()
         protocol = ServerProtocol(state=State.OPEN, max_size=max_size, logger=_ws_logger)
         self.session = factory(transport, protocol)
+        rest = self._reader.leftover
+        if rest:
+            self.session.feed(rest)
+
+    def stream(self, head: bytes, factory: StreamFactory) -> None:
+        """Writes a streamed response's head; then `factory(transport)` owns the connection
+        (no header or keep-alive timeout: the handler keeps it alive and ends it)."""
+        assert self._transport is not None
+        transport = self._transport
+        transport.write(head)
+        self._disarm()
+        self.session = factory(transport)
         rest = self._reader.leftover
         if rest:
             self.session.feed(rest)

@@ -194,6 +194,15 @@ def response(
     return head if head_only else head + body
 
 
+def stream_head(content_type: str, headers: dict[str, str] | None = None) -> bytes:
+    """The head of a 200 response whose body lasts until the server closes the connection (no
+    `Content-Length`, not chunked: RFC 9112 section 6.3), for a stream of events."""
+    lines = ["HTTP/1.1 200 OK", f"Content-Type: {content_type}", "Connection: close"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def json_response(status: int, payload: object, **kwargs: object) -> bytes:
     return response(
         status,

@@ -66,11 +66,13 @@ class SocketMetrics:
             registry=r,
         )
         self.connections_opened = Counter(
-            "pubsock_connections_opened_total", "Websocket connections accepted", registry=r
+            "pubsock_connections_opened_total",
+            "Sessions accepted (native and socket.io websockets, socket.io polling, SSE)",
+            registry=r,
         )
         self.handshake_rejections = Counter(
             "pubsock_handshake_rejections_total",
-            "Websocket handshakes refused, by reason",
+            "Websocket handshakes and SSE streams refused, by reason",
             ["reason"],
             registry=r,
         )
@@ -99,7 +101,12 @@ class SocketMetrics:
         )
         self.connections = Gauge(
             "pubsock_connections",
-            "Open sessions of every kind (native websocket, socket.io)",
+            "Open sessions of every kind (native websocket, socket.io, SSE)",
+            registry=r,
+        )
+        self.sse_sessions = Gauge(
+            "pubsock_sse_sessions",
+            "Open Server-Sent Events streams (in pubsock_connections)",
             registry=r,
         )
         self.subscriptions = Gauge(

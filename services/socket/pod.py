@@ -36,6 +36,7 @@ from services.socket.session import NativeEndpoint, NativeParts, SessionLimits
 from services.socket.sessions import SessionRegistry
 from services.socket.settings import SocketSettings
 from services.socket.socketio import SocketIOServer
+from services.socket.sse import SseEndpoint, SseLimits, SseParts
 from services.socket.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,24 @@ class Pod:
                 spawn=self.tasks.spawn,
             )
         )
-        endpoints: list[Endpoint] = [native] if self.socketio is None else [self.socketio, native]
+        endpoints: list[Endpoint] = []
+        if settings.sse_enabled:
+            endpoints.append(
+                SseEndpoint(
+                    SseParts(
+                        hub=self.hub,
+                        presence=self.presence,
+                        access=self.access,
+                        registry=sessions,
+                        metrics=metrics,
+                        limits=SseLimits.from_settings(settings),
+                        spawn=self.tasks.spawn,
+                    )
+                )
+            )
+        if self.socketio is not None:
+            endpoints.append(self.socketio)
+        endpoints.append(native)
         self.routes = Routes(
             settings,
             lifecycle,

@@ -52,6 +52,11 @@ class SocketSettings(CommonSettings):
     web_dir: str = ""
     # Base URL of the publish API as the demo page should call it; empty = same origin (/v1/...).
     public_api_url: str = ""
+    # Server-Sent Events (`GET /sse`, docs/protocol.md): a keep-alive comment on a stream that
+    # wrote nothing for this long, well inside the load balancers' idle timeouts (HAProxy 650 s,
+    # GFE, and the 60 s of many proxies on the way).
+    sse_enabled: bool = True
+    sse_keepalive_s: float = Field(15.0, gt=0)
     # socket.io v4 clients (Engine.IO 4 / Socket.IO 5) on the same port: see docs/socketio.md.
     socketio_enabled: bool = True
     socketio_path: str = Field("/socket.io/", pattern=r"^(/[A-Za-z0-9._~-]+)+/$")
@@ -72,8 +77,8 @@ class SocketSettings(CommonSettings):
         reserved = {"connect", "connect_error", "disconnect", "disconnecting"}
         if self.socketio_event in reserved or self.socketio_event.startswith("pubsock:"):
             raise ValueError("SOCKETIO_EVENT must not be a reserved socket.io or pubsock: event")
-        if self.socketio_path in ("/ws/", "/v1/"):
-            raise ValueError("SOCKETIO_PATH must not shadow /ws or /v1")
+        if self.socketio_path in ("/ws/", "/v1/", "/sse/"):
+            raise ValueError("SOCKETIO_PATH must not shadow /ws, /sse or /v1")
         return self
 
     @model_validator(mode="after")
