@@ -1,10 +1,14 @@
-"""Test helpers: a websocket client that records frames, and event waits with deadlines."""
+"""Test helpers: a websocket client and a Server-Sent Events client that record what arrives, and
+event waits with deadlines."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -89,3 +93,132 @@ class WsClient:
     async def close(self) -> None:
         await self.connection.close()
         await self._reader
+
+
+# -- Server-Sent Events ---------------------------------------------------------------------------
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass
+class SseParser:
+    """An `EventSource`'s parser (WHATWG HTML, "Parsing an event stream"): fed text as it comes,
+    it dispatches events with the `lastEventId` a browser would give them; comments and `retry`
+    are recorded."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    last_event_id: str = ""
+    retry_ms: int | None = None
+    _buffer: str = ""
+    _data: list[str] = field(default_factory=list)
+    _type: str = ""
+    _id_buffer: str = ""
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """The events completed by `text`: {"event", "data" (parsed JSON), "id"}."""
+        done_before = len(self.events)
+        self._buffer += text
+        *lines, self._buffer = _LINE_BREAK.split(self._buffer)
+        for line in lines:
+            self._line(line)
+        return self.events[done_before:]
+
+    def _line(self, line: str) -> None:
+        if not line:
+            self._dispatch()
+            return
+        if line.startswith(":"):
+            self.comments.append(line[1:].strip())
+            return
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._type = value
+        elif name == "id" and "\0" not in value:
+            self._id_buffer = value
+        elif name == "retry" and value.isdigit():
+            self.retry_ms = int(value)
+
+    def _dispatch(self) -> None:
+        self.last_event_id = self._id_buffer
+        lines, kind = self._data, self._type or "message"
+        self._data, self._type = [], ""
+        if lines:  # no data: no event (an `id:` alone still moves lastEventId)
+            data = orjson.loads("\n".join(lines))
+            self.events.append({"event": kind, "data": data, "id": self.last_event_id})
+
+
+class SseClient:
+    """A real HTTP client on a `text/event-stream` response (httpx streaming): events are
+    parsed (SseParser) and queued as they arrive; a `None` is queued when the stream ends."""
+
+    def __init__(self, http: httpx.AsyncClient, response: httpx.Response) -> None:
+        self.http = http
+        self.response = response
+        self.parser = SseParser()
+        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.ended = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, headers: dict[str, str] | None = None) -> SseClient:
+        http = httpx.AsyncClient(timeout=httpx.Timeout(10, read=None))
+        request = http.build_request("GET", url, headers=headers)
+        response = await http.send(request, stream=True)
+        if response.status_code != 200:
+            body = await response.aread()
+            await http.aclose()
+            raise AssertionError(f"{response.status_code}: {body!r}")
+        return cls(http, response)
+
+    @property
+    def pod(self) -> str | None:
+        return self.response.headers.get("x-pubsock-pod")
+
+    @property
+    def last_event_id(self) -> str:
+        return self.parser.last_event_id
+
+    async def _read(self) -> None:
+        try:
+            async for text in self.response.aiter_text():
+                for parsed in self.parser.feed(text):
+                    self.events.put_nowait(parsed)
+        except (httpx.HTTPError, OSError):
+            pass
+        finally:
+            self.ended.set()
+            self.events.put_nowait(None)
+
+    async def next(self, kind: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
+        """The next event's data (of `kind`: another kind first is an error)."""
+        async with asyncio.timeout(timeout):
+            parsed = await self.events.get()
+        if parsed is None:
+            self.events.put_nowait(None)  # stays the last word
+            raise ConnectionError(f"the stream ended while waiting for {kind}")
+        if kind is not None and parsed["event"] != kind:
+            raise AssertionError(f"expected a {kind} event, got {parsed}")
+        return parsed["data"]
+
+    async def messages(self, count: int, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+        return [await self.next("message", timeout) for _ in range(count)]
+
+    async def wait_ended(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        async with asyncio.timeout(timeout):
+            await self.ended.wait()
+
+    async def assert_quiet(self, within_s: float = 0.5) -> None:
+        try:
+            async with asyncio.timeout(within_s):
+                parsed = await self.events.get()
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected event: {parsed}")
+
+    async def close(self) -> None:
+        await self.response.aclose()
+        await self.http.aclose()
+        await asyncio.gather(self._reader, return_exceptions=True)

@@ -1,0 +1,340 @@
+"""Server-Sent Events: the Last-Event-ID codec, and the session core with a fake transport
+(first event, ids, resume, recovery, presence, keep-alive, limits, closes) through the same
+parts a pod wires."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from services.core.closecodes import CloseCode
+from services.socket.history import Entry
+from services.socket.http import parse_head
+from services.socket.sse import SSE, SseEndpoint, SseFraming, SseLimits, SseParts, SseSession
+from services.socket.sse_id import BadEventId, decode_positions, encode_positions
+from tests.support import SseParser
+from tests.unit.test_session_core import BUDGET, FakeTransport, Parts, claims, token, until
+
+ULID_A = "01HV5XK4Z8D3Q2M7R9T1W6Y0AB"
+
+
+# -- the id ------------------------------------------------------------------------------------
+def test_positions_round_trip() -> None:
+    pairs = [("room:1", ULID_A), ("a.b@c-d_e", "@1712345678901"), ("x", "ps-123_4")]
+    text = encode_positions(pairs)
+    assert text == f"room:1={ULID_A},a.b@c-d_e=@1712345678901,x=ps-123_4"
+    assert decode_positions(text, 10) == dict(pairs)
+    assert decode_positions("", 10) == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "room:1",  # no position
+        "room:1=",  # empty position
+        "=abc",  # empty channel
+        "room:1=abc,",  # empty pair
+        "room 1=abc",  # invalid channel
+        "room:1=a b",  # invalid position
+        "room:1=@12a",  # invalid @ms
+        "room:1=@1234567890123456",  # @ms too long
+        "room:1=" + "x" * 129,  # id too long
+        "room:1=a,room:1=b",  # a channel twice
+        "a=1,b=2,c=3",  # over the limit of 2
+        "room:1=a=b",
+        "room:1=a\x00",
+    ],
+)
+def test_bad_ids_are_refused(text: str) -> None:
+    with pytest.raises(BadEventId):
+        decode_positions(text, 2)
+
+
+# -- the session --------------------------------------------------------------------------------
+class Stream:
+    """An SSE session on a fake transport, read as a browser would (SseParser)."""
+
+    def __init__(self, session: SseSession, transport: FakeTransport) -> None:
+        self.session = session
+        self.transport = transport
+        self.parser = SseParser()
+        self._read = 0
+
+    def events(self) -> list[dict[str, Any]]:
+        data = bytes(self.transport.data[self._read :])
+        self._read = len(self.transport.data)
+        return self.parser.feed(data.decode())
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["event"] == "message"]
+
+
+def sse_parts(parts: Parts, **limits: Any) -> SseParts:
+    settings = parts.settings.model_copy(update=limits)
+    return SseParts(
+        parts.hub,
+        parts.presence,
+        parts.access,
+        parts.registry,
+        parts.metrics,
+        SseLimits.from_settings(settings),
+        parts.tasks.spawn,
+    )
+
+
+def open_stream(
+    parts: Parts,
+    channels: list[str],
+    positions: dict[str, str] | None = None,
+    presence: set[str] | None = None,
+    ttl_s: float = 600,
+    **limits: Any,
+) -> Stream:
+    transport = FakeTransport()
+    session = SseSession(
+        sse_parts(parts, **limits),
+        transport,  # type: ignore[arg-type]
+        claims(ttl_s=ttl_s),
+        channels,
+        presence or set(),
+    )
+    parts.registry.opened(session)
+    session.start(positions if positions is not None else {})
+    return Stream(session, transport)
+
+
+@pytest.fixture
+def parts() -> Parts:
+    return Parts()
+
+
+async def test_first_event_names_the_pod_and_carries_every_position(parts: Parts) -> None:
+    parts.publish("room:1")
+    stream = open_stream(parts, ["room:1", "room:2"])
+    events = stream.events()
+    assert [e["event"] for e in events] == ["pod", "subscribed", "subscribed"]
+    assert events[0]["data"] == {"type": "pod", "pod": parts.settings.pod_name}
+    positions = decode_positions(events[0]["id"], 10)
+    assert positions["room:1"] == "m000001" and positions["room:2"].startswith("@")
+    assert stream.parser.retry_ms is not None and 1000 <= stream.parser.retry_ms <= 3000
+    assert "recovered" not in events[1]["data"]
+
+
+async def test_each_message_moves_its_channel_in_the_id(parts: Parts) -> None:
+    stream = open_stream(parts, ["room:1", "room:2"])
+    start = decode_positions(stream.events()[0]["id"], 10)
+    parts.publish("room:2", {"n": 1})
+    parts.publish("room:1", {"n": 2})
+    first, second = stream.messages()
+    assert first["data"]["data"] == {"n": 1}
+    assert decode_positions(first["id"], 10) == {"room:1": start["room:1"], "room:2": "m000001"}
+    assert decode_positions(second["id"], 10) == {"room:1": "m000002", "room:2": "m000001"}
+
+
+async def test_one_event_build_per_message_for_every_sse_session(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    streams = [open_stream(parts, ["room:1"]), open_stream(parts, ["room:2", "room:1"])]
+    for stream in streams:
+        stream.events()
+    built: list[bytes] = []
+    original = SseFraming.frame
+
+    def frame(self: SseFraming, channel: str, entry: Entry) -> bytes:
+        built.append(original(self, channel, entry))
+        return built[-1]
+
+    monkeypatch.setattr(SseFraming, "frame", frame)
+    parts.publish("room:1", {"n": 1})
+    assert len(built) == 1 and streams[0].session.framing is SSE
+    for stream in streams:
+        assert bytes(stream.transport.data).endswith(bytes(built[0]))
+
+
+async def test_resume_replays_once_and_new_channels_start_live(parts: Parts) -> None:
+    parts.publish("room:1", 1)  # m000001
+    parts.publish("room:1", 2)
+    parts.publish("room:1", 3)
+    stream = open_stream(parts, ["room:1", "room:2"], {"room:1": "m000001"})
+    head = stream.events()
+    assert [e["event"] for e in head] == ["pod", "subscribed"]
+    assert head[1]["data"]["channel"] == "room:2"
+    assert decode_positions(head[0]["id"], 10)["room:1"] == "m000001"  # until the replay
+    await until(lambda: parts.hub.session_count("room:1") == 1)
+    replay = stream.events()
+    assert [e["event"] for e in replay] == ["subscribed", "message", "message"]
+    assert replay[0]["data"]["recovered"] is True
+    assert [e["data"]["id"] for e in replay[1:]] == ["m000002", "m000003"]
+    assert decode_positions(replay[-1]["id"], 10)["room:1"] == "m000003"
+    parts.publish("room:1", 4)
+    assert [e["data"]["id"] for e in stream.messages()] == ["m000004"]
+
+
+async def test_an_unknown_position_is_a_gap_and_moves_to_now(parts: Parts) -> None:
+    parts.publish("room:1")
+    stream = open_stream(parts, ["room:1"], {"room:1": "never-seen"})
+    stream.events()
+    await until(lambda: parts.hub.session_count("room:1") == 1)
+    (subscribed,) = stream.events()
+    assert subscribed["data"]["recovered"] is False
+    assert decode_positions(subscribed["id"], 10) == {"room:1": "m000001"}
+
+
+async def test_an_unreadable_id_starts_every_channel_over_with_a_gap(parts: Parts) -> None:
+    transport = FakeTransport()
+    session = SseSession(sse_parts(parts), transport, None, ["room:1", "room:2"], set())  # type: ignore[arg-type]
+    session.start(None)
+    events = Stream(session, transport).events()
+    assert [e["data"].get("recovered") for e in events[1:]] == [False, False]
+
+
+async def test_presence_events_only_on_the_chosen_channels(parts: Parts) -> None:
+    stream = open_stream(parts, ["room:1", "room:2"], presence={"room:1"})
+    stream.events()
+    parts.hub.presence_events([("room:1", "join", "bob"), ("room:2", "join", "bob")])
+    (joined,) = stream.events()
+    assert joined == {
+        "event": "join",
+        "data": {"type": "join", "channel": "room:1", "sub": "bob"},
+        "id": stream.parser.last_event_id,
+    }
+
+
+async def test_keepalive_comment_only_on_a_quiet_stream(parts: Parts) -> None:
+    stream = open_stream(parts, ["room:1"], sse_keepalive_s=1.0)
+    stream.events()
+    now = time.monotonic()
+    parts.registry.maintain(now)  # it wrote the head: not quiet
+    parts.registry.maintain(now + 0.9)
+    assert stream.parser.comments == [] and not stream.events()
+    parts.registry.maintain(now + 1.0)
+    stream.events()
+    assert stream.parser.comments == ["ka"]
+    parts.publish("room:1")
+    parts.registry.maintain(now + 2.1)  # wrote since the last tick: not quiet
+    stream.events()
+    assert stream.parser.comments == ["ka"]
+
+
+def close_event(stream: Stream) -> dict[str, Any]:
+    events = stream.events()
+    assert events and events[-1]["event"] == "close", events
+    assert stream.transport.closed and not stream.session.open
+    data: dict[str, Any] = events[-1]["data"]
+    return data
+
+
+async def test_token_expiry_ends_the_stream_with_1008(parts: Parts) -> None:
+    stream = open_stream(parts, ["room:1"], ttl_s=0.3)
+    await until(lambda: not stream.session.open)
+    assert close_event(stream)["code"] == CloseCode.TOKEN_EXPIRED
+    assert parts.hub.session_count("room:1") == 0
+
+
+async def test_send_budget_at_a_delivery_and_at_two_ticks(parts: Parts) -> None:
+    stream = open_stream(parts, ["room:1"])
+    stream.transport.unsent = BUDGET + 1
+    parts.publish("room:1")
+    assert close_event(stream)["code"] == CloseCode.TRY_AGAIN_LATER
+    stalled = open_stream(parts, ["room:1"])
+    stalled.transport.unsent = BUDGET + 1
+    parts.registry.maintain(time.monotonic())
+    assert stalled.session.open
+    parts.registry.maintain(time.monotonic())
+    assert close_event(stalled)["code"] == CloseCode.TRY_AGAIN_LATER
+    assert parts.metrics.slow_consumer_closes._value.get() == 2
+    assert stalled.parser.retry_ms is not None and stalled.parser.retry_ms >= 5000
+
+
+async def test_maximum_age_and_drain_end_with_1012(parts: Parts) -> None:
+    old = open_stream(parts, ["room:1"], max_connection_age_s=0.001)
+    parts.registry.maintain(time.monotonic() + 1)
+    assert close_event(old)["code"] == CloseCode.RESTART
+    stream = open_stream(parts, ["room:1"])
+    stream.transport.closed = False
+    for session in parts.registry.snapshot():
+        session.close(CloseCode.RESTART, "server restarting")
+    assert close_event(stream) == {"type": "close", "code": 1012, "reason": "server restarting"}
+    assert stream.parser.retry_ms is not None and stream.parser.retry_ms <= 1000
+
+
+async def test_client_bytes_are_ignored_then_cut(parts: Parts) -> None:
+    stream = open_stream(parts, ["room:1"])
+    stream.session.feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert stream.session.open and not stream.transport.aborted
+    stream.session.feed(b"x" * 70000)
+    assert stream.transport.aborted and not stream.session.open
+    stream.session.connection_lost()
+    assert stream.session not in parts.registry
+
+
+# -- the endpoint's parsing -----------------------------------------------------------------------
+class Refused(Exception):
+    pass
+
+
+class FakeConnection:
+    on_lost = None
+
+    def __init__(self) -> None:
+        self.refused: bytes | None = None
+        self.head: bytes | None = None
+        self.transport = FakeTransport()
+        self.session: Any = None
+
+    def refuse(self, payload: bytes) -> None:
+        self.refused = payload
+
+    def stream(self, head: bytes, factory: Any) -> None:
+        self.head = head
+        self.session = factory(self.transport)
+
+
+def request(target: str, **headers: str) -> Any:
+    lines = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return parse_head(f"GET {target} HTTP/1.1\r\nHost: pod\r\n{lines}\r\n".encode())
+
+
+def status_of(payload: bytes | None) -> int:
+    assert payload is not None
+    return int(payload.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        ("/sse?channels=room:1", 401),  # no token
+        ("/sse?channels=room:1&token=nope", 401),
+        (f"/sse?token={token()}", 400),  # no channels
+        (f"/sse?channels=room:1,bad%20name&token={token()}", 400),
+        (f"/sse?channels=room:1,room:2,room:3&token={token()}", 400),  # over the limit of 2
+        (f"/sse?channels=other:1&token={token()}", 403),
+        (f"/sse?channels=room:1&presence=room:2&token={token()}", 400),
+    ],
+)
+async def test_bad_requests_are_refused_before_the_stream(
+    parts: Parts, target: str, status: int
+) -> None:
+    endpoint = SseEndpoint(sse_parts(parts))
+    connection = FakeConnection()
+    assert endpoint.handle(connection, request(target)) is None  # type: ignore[arg-type]
+    assert status_of(connection.refused) == status and connection.head is None
+
+
+async def test_token_from_authorization_and_last_event_id_header_wins(parts: Parts) -> None:
+    parts.publish("room:1")
+    parts.publish("room:1")
+    endpoint = SseEndpoint(sse_parts(parts))
+    connection = FakeConnection()
+    target = "/sse?channels=room:1&last_event_id=room:1=nowhere"
+    endpoint.handle(
+        connection,  # type: ignore[arg-type]
+        request(target, Authorization=f"Bearer {token()}", Last_Event_ID="room:1=m000001"),
+    )
+    assert connection.head is not None and b"text/event-stream" in connection.head
+    await until(lambda: parts.hub.session_count("room:1") == 1)
+    events = Stream(connection.session, connection.transport).events()
+    assert [e["event"] for e in events] == ["pod", "subscribed", "message"]
+    assert events[1]["data"]["recovered"] is True and events[2]["data"]["id"] == "m000002"
