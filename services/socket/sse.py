@@ -161,6 +161,7 @@ class SseSession:
         "_parts",
         "_prefixes",
         "_presence",
+        "_presence_wanted",
         "_quiet_since",
         "_slots",
         "_wrote",
@@ -188,7 +189,8 @@ class SseSession:
         self.wire = Wire(transport, limits.send_buffer_max_bytes)
         self.claims = claims
         self.channels: set[str] = set()  # attached to the hub
-        self._presence = presence
+        self._presence_wanted = presence
+        self._presence: set[str] = set()  # from its attach on: not told of its own join
         # The stream's id, one `<channel>=<position>` pair per channel in the URL's order.
         self._slots = {channel: index for index, channel in enumerate(channels)}
         self._prefixes = [channel.encode("ascii") + b"=" for channel in channels]
@@ -251,6 +253,8 @@ class SseSession:
         if channel not in self.channels:
             self._parts.hub.add(channel, self)
             self.channels.add(channel)
+            if channel in self._presence_wanted:
+                self._presence.add(channel)
 
     def _subscribed(self, channel: str, recovered: bool | None) -> bytes:
         """Where the channel stands on this pod now becomes its position (when a replay

@@ -1,0 +1,353 @@
+"""Server-Sent Events against real pods (httpx streaming): events, resume with Last-Event-ID on
+the other pod exactly once per channel, gaps, the load balancer, refusals, the connection limit,
+token expiry, presence, keep-alive, the drain, a SIGKILL under steady publishing and a slow
+consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from devtools.cluster import LocalCluster, Service, free_port
+from services.socket.sse_id import decode_positions
+from tests.integration.test_faults import Publisher
+from tests.support import SseClient, SseParser, WsClient
+
+
+async def publish(api: httpx.AsyncClient, channel: str, data: Any) -> str:
+    response = await api.post(f"/v1/channels/{channel}/messages", json={"data": data})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def metric(url: str, name: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(values[0]) if values else 0.0
+
+
+async def opened(stream: SseClient, channels: int) -> dict[str, dict[str, Any]]:
+    """The `pod` event, then a `subscribed` event per channel (no `since`: all at once)."""
+    assert (await stream.next("pod"))["pod"] == stream.pod
+    frames = [await stream.next("subscribed") for _ in range(channels)]
+    return {frame["channel"]: frame for frame in frames}
+
+
+async def resumed(
+    stream: SseClient, channels: list[str], messages: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """After a resume: a `subscribed` per channel and `messages` messages, in any interleaving
+    of channels (each recovers on its own); per channel, subscribed comes first."""
+    assert (await stream.next("pod"))["pod"] == stream.pod
+    subscribed: dict[str, dict[str, Any]] = {}
+    ids: dict[str, list[str]] = {channel: [] for channel in channels}
+    while len(subscribed) < len(channels) or sum(map(len, ids.values())) < messages:
+        data = await stream.next()
+        if data["type"] == "subscribed":
+            subscribed[data["channel"]] = data
+        else:
+            assert data["type"] == "message" and data["channel"] in subscribed, data
+            ids[data["channel"]].append(data["id"])
+    return subscribed, ids
+
+
+async def test_a_stream_carries_every_channel_and_resumes_on_the_other_pod_once(
+    cluster: LocalCluster, api: httpx.AsyncClient, channel: str
+) -> None:
+    a, b, c = f"{channel}-a", f"{channel}-b", f"{channel}-c"
+    first, second = cluster.sockets
+    stream = await SseClient.open(f"{first.url}/sse?channels={a},{b}")
+    assert stream.pod == first.env["POD_NAME"]
+    assert stream.response.headers["content-type"].startswith("text/event-stream")
+    await opened(stream, 2)
+    sent = {a: [await publish(api, a, n) for n in range(3)], b: [await publish(api, b, 9)]}
+    got = await stream.messages(4)
+    assert [m["id"] for m in got if m["channel"] == a] == sent[a]
+    assert [m["id"] for m in got if m["channel"] == b] == sent[b]
+    last = stream.last_event_id
+    assert decode_positions(last, 10) == {a: sent[a][-1], b: sent[b][-1]}
+    await stream.close()
+
+    missed = {a: [await publish(api, a, n) for n in range(2)], b: [await publish(api, b, 7)]}
+    stream = await SseClient.open(
+        f"{second.url}/sse?channels={a},{b},{c}", headers={"Last-Event-ID": last}
+    )
+    assert stream.pod == second.env["POD_NAME"]
+    subscribed, ids = await resumed(stream, [a, b, c], 3)
+    assert subscribed[a]["recovered"] is True and subscribed[b]["recovered"] is True
+    assert "recovered" not in subscribed[c]  # not in the id: new to the stream, live from now
+    assert ids == {**missed, c: []}  # exactly what was missed, once, in order
+    live = await publish(api, b, "live")
+    assert (await stream.next("message"))["id"] == live
+    await stream.assert_quiet(0.3)
+    await stream.close()
+
+
+async def test_unknown_or_unreadable_positions_are_gaps(
+    cluster: LocalCluster, api: httpx.AsyncClient, channel: str
+) -> None:
+    a, b = f"{channel}-a", f"{channel}-b"
+    newest = await publish(api, a, 1)
+    pod = cluster.sockets[0]
+    url = f"{pod.url}/sse?channels={a},{b}"
+    stream = await SseClient.open(url, headers={"Last-Event-ID": f"{a}=not-a-known-id"})
+    subscribed, _ = await resumed(stream, [a, b], 0)
+    assert subscribed[a]["recovered"] is False and "recovered" not in subscribed[b]
+    assert subscribed[a]["position"] == newest  # starts over from where the channel stands
+    assert decode_positions(stream.last_event_id, 10)[a] == newest
+    await stream.close()
+    for headers, query in (
+        ({"Last-Event-ID": "garbage without pairs"}, ""),
+        ({}, "&last_event_id=x"),
+    ):
+        stream = await SseClient.open(url + query, headers=headers)
+        subscribed, _ = await resumed(stream, [a, b], 0)
+        assert [subscribed[ch]["recovered"] for ch in (a, b)] == [False, False]
+        await stream.close()
+    # The header wins over the query (a browser's reconnect repeats the URL it was opened with).
+    stream = await SseClient.open(
+        url + "&last_event_id=garbage", headers={"Last-Event-ID": f"{a}={newest}"}
+    )
+    subscribed, _ = await resumed(stream, [a, b], 0)
+    assert subscribed[a]["recovered"] is True
+    await stream.close()
+
+
+async def test_the_load_balancer_routes_streams_without_buffering(
+    cluster: LocalCluster, api: httpx.AsyncClient, channel: str
+) -> None:
+    """Through HAProxy, no affinity cookie needed; each event arrives as it is published."""
+    assert cluster.lb is not None
+    stream = await SseClient.open(f"{cluster.lb.url}/sse?channels={channel}")
+    assert stream.pod in {pod.env["POD_NAME"] for pod in cluster.sockets}
+    await opened(stream, 1)
+    for n in range(3):
+        sent = await publish(api, channel, n)
+        assert (await stream.next("message"))["id"] == sent
+    await stream.close()
+
+
+# -- admission ---------------------------------------------------------------------------------
+async def test_refusals_are_json_with_their_status(secure) -> None:
+    base = f"{secure.socket.url}/sse"
+    token = secure.token()
+    cases = [
+        ("GET", "?channels=room:1", {}, 401),
+        ("GET", "?channels=room:1&token=garbage", {}, 401),
+        ("GET", f"?channels=room:1&token={secure.token(ttl_s=-10)}", {}, 401),
+        ("GET", "?channels=room:1", {"Authorization": "Basic abc"}, 401),
+        ("GET", f"?channels=room:1&token={token}", {"Origin": "https://evil.example"}, 403),
+        ("GET", f"?token={token}", {}, 400),
+        ("GET", f"?channels=room:1,bad%20name&token={token}", {}, 400),
+        ("GET", f"?channels=room:1,room:2,room:3,room:4&token={token}", {}, 400),
+        ("GET", f"?channels=room:1&presence=maybe&token={token}", {}, 400),
+        ("GET", f"?channels=other:1&token={token}", {}, 403),
+        ("POST", f"?channels=room:1&token={token}", {}, 405),
+    ]
+    async with httpx.AsyncClient(timeout=10) as http:
+        for method, query, headers, status in cases:
+            response = await http.request(method, base + query, headers=headers)
+            assert response.status_code == status, (query, headers, response.text)
+            assert isinstance(response.json()["detail"], str)
+        preflight = await http.options(
+            base,
+            headers={
+                "Origin": "https://good.example",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "last-event-id",
+            },
+        )
+        assert preflight.status_code == 204
+        assert "Last-Event-ID" in preflight.headers["access-control-allow-headers"]
+        assert preflight.headers["access-control-allow-origin"] == "https://good.example"
+    rejections = 'pubsock_handshake_rejections_total{reason="forbidden"}'
+    assert await metric(secure.socket.url, rejections) >= 1
+    stream = await SseClient.open(
+        f"{base}?channels=room:1",
+        headers={"Authorization": f"Bearer {token}", "Origin": "https://good.example"},
+    )
+    assert stream.response.headers["access-control-allow-origin"] == "https://good.example"
+    await opened(stream, 1)
+    await stream.close()
+
+
+async def test_max_connections_counts_streams_and_websockets_together(secure) -> None:
+    """MAX_CONNECTIONS=12 on this pod: 6 websockets and 6 streams fill it; then 503."""
+    token = secure.token()
+    url = f"{secure.socket.url}/sse?channels=room:1&token={token}"
+    sockets = [await WsClient.connect(secure.ws_url(token)) for _ in range(6)]
+    streams = [await SseClient.open(url) for _ in range(6)]
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(url)
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        assert await metric(secure.socket.url, "pubsock_sse_sessions") == 6
+    finally:
+        for stream in streams:
+            await stream.close()
+        for client in sockets:
+            await client.close()
+
+
+async def test_token_expiry_ends_the_stream_with_1008(secure) -> None:
+    stream = await SseClient.open(
+        f"{secure.socket.url}/sse?channels=room:1&token={secure.token(ttl_s=2)}"
+    )
+    await opened(stream, 1)
+    closing = await stream.next("close", timeout=10)
+    assert closing == {"type": "close", "code": 1008, "reason": "token expired"}
+    await stream.wait_ended()
+
+
+async def test_presence_events_and_the_presence_query(secure) -> None:
+    channel = "room:presence"
+    stream = await SseClient.open(
+        f"{secure.socket.url}/sse?channels={channel}&presence=1&token={secure.token('ann')}"
+    )
+    await opened(stream, 1)
+    bob = await WsClient.connect(secure.ws_url(secure.token("bob")))
+    await bob.subscribe(channel)
+    assert await stream.next("join") == {"type": "join", "channel": channel, "sub": "bob"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        query = f"{secure.socket.url}/sse/presence?channel={channel}"
+        answer = await http.get(query, headers={"Authorization": f"Bearer {secure.token()}"})
+        assert answer.status_code == 200
+        assert answer.json() == {
+            "type": "presence",
+            "channel": channel,
+            "count": 2,
+            "members": [{"sub": "ann"}, {"sub": "bob"}],
+        }
+        assert (await http.get(query)).status_code == 401
+        forbidden = await http.get(
+            f"{secure.socket.url}/sse/presence?channel=other:1&token={secure.token()}"
+        )
+        assert forbidden.status_code == 403
+    await bob.close()
+    assert await stream.next("leave") == {"type": "leave", "channel": channel, "sub": "bob"}
+    await stream.close()
+
+
+# -- a pod of its own: keep-alive, drain, SIGKILL ------------------------------------------------
+@pytest.fixture
+def own_pod(cluster: LocalCluster):
+    pod = cluster.new_socket(f"sse-{free_port()}", free_port(), SSE_KEEPALIVE_S="1")
+    pod.start()
+    yield pod
+    pod.process.stop()
+
+
+async def test_keepalive_drain_and_resume_elsewhere(
+    own_pod: Service, cluster: LocalCluster, api: httpx.AsyncClient, channel: str
+) -> None:
+    stream = await SseClient.open(f"{own_pod.url}/sse?channels={channel}")
+    await opened(stream, 1)
+    assert await metric(own_pod.url, "pubsock_sse_sessions") == 1
+    assert await metric(own_pod.url, "pubsock_connections") == 1
+    async with asyncio.timeout(10):  # a quiet stream gets a comment every SSE_KEEPALIVE_S
+        while "ka" not in stream.parser.comments:
+            await asyncio.sleep(0.1)
+    sent = [await publish(api, channel, n) for n in range(2)]
+    assert [m["id"] for m in await stream.messages(2)] == sent
+    own_pod.process.signal(15)
+    closing = await stream.next("close", timeout=20)
+    assert closing["code"] == 1012
+    assert stream.parser.retry_ms is not None and stream.parser.retry_ms <= 1000
+    await stream.wait_ended()
+    assert await asyncio.to_thread(own_pod.process.wait, 20) == 0
+    missed = [await publish(api, channel, n) for n in range(3)]
+    other = await SseClient.open(
+        f"{cluster.sockets[0].url}/sse?channels={channel}",
+        headers={"Last-Event-ID": stream.last_event_id},
+    )
+    subscribed, ids = await resumed(other, [channel], 3)
+    assert subscribed[channel]["recovered"] is True and ids[channel] == missed
+    await other.close()
+    await stream.close()
+
+
+async def test_sigkill_under_steady_publishing_resumes_once_on_the_other_pod(
+    own_pod: Service, cluster: LocalCluster, channel: str
+) -> None:
+    """Publishing goes on while the stream's pod is SIGKILLed; the stream resumes on another
+    pod with its last Last-Event-ID: every accepted id once, in order."""
+    publisher = Publisher(cluster.api.url, channel, rate_per_s=30)
+    stream = await SseClient.open(f"{own_pod.url}/sse?channels={channel}")
+    await opened(stream, 1)
+    publisher.start()
+    ids: list[str] = []
+    async with asyncio.timeout(20):
+        while len(ids) < 20:
+            ids.append((await stream.next("message"))["id"])
+    own_pod.process.kill()
+    with pytest.raises(ConnectionError):  # the rest of what arrived, then the end
+        while True:
+            ids.append((await stream.next("message"))["id"])
+    other = await SseClient.open(
+        f"{cluster.sockets[1].url}/sse?channels={channel}",
+        headers={"Last-Event-ID": stream.last_event_id},
+    )
+    assert (await other.next("pod"))["pod"] == other.pod
+    assert (await other.next("subscribed"))["recovered"] is True
+    async with asyncio.timeout(20):
+        while len(publisher.accepted) < len(ids) + 30:
+            await asyncio.sleep(0.05)
+    accepted = await publisher.stop()
+    async with asyncio.timeout(30):
+        while ids[-1:] != accepted[-1:]:
+            ids.append((await other.next("message"))["id"])
+    assert ids == accepted
+    await other.close()
+    await stream.close()
+
+
+async def test_a_slow_stream_is_closed_and_never_slows_others(
+    cluster: LocalCluster, api: httpx.AsyncClient, channel: str
+) -> None:
+    """A raw socket that stops reading is ended (`close` 1013) once its unsent data passes
+    SEND_BUFFER_MAX_BYTES, while a fast stream on the same channel gets every message."""
+    pod = cluster.sockets[0]
+    fast = await SseClient.open(f"{pod.url}/sse?channels={channel}")
+    await opened(fast, 1)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", pod.port))
+    raw.sendall(f"GET /sse?channels={channel} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = bytearray(raw.recv(4096))
+    assert data.startswith(b"HTTP/1.1 200")
+    closes_before = await metric(pod.url, "pubsock_slow_consumer_closes_total")
+    ids = []
+    payload = "x" * 50_000
+    for _ in range(12):
+        response = await api.post(
+            "/v1/messages", json={"messages": [{"channel": channel, "data": payload}] * 5}
+        )
+        assert response.status_code == 202
+        ids.extend(response.json()["ids"])
+    assert [m["id"] for m in await fast.messages(len(ids), timeout=60)] == ids
+    async with asyncio.timeout(30):
+        while await metric(pod.url, "pubsock_slow_consumer_closes_total") <= closes_before:
+            await asyncio.sleep(0.2)
+    raw.settimeout(10)
+    reset = False
+    while True:
+        try:
+            chunk = await asyncio.to_thread(raw.recv, 1 << 20)
+        except ConnectionResetError:  # not drained within CLOSE_TIMEOUT_S: cut
+            reset = True
+            break
+        if not chunk:
+            break
+        data += chunk
+    raw.close()
+    parser = SseParser()
+    parser.feed(data.split(b"\r\n\r\n", 1)[1].decode(errors="replace"))
+    if not reset:  # it drained: the stream ended with its `close` event
+        assert parser.events[-1]["event"] == "close"
+        assert parser.events[-1]["data"]["code"] == 1013
+    await fast.close()
