@@ -388,9 +388,13 @@ defaults
     option redispatch
     retries 3
 
+# The rest goes to the socket pods: the demo page, /ws, /socket.io/ and /sse. An SSE stream is a
+# response that lasts (up to MAX_CONNECTION_AGE_S); the pods write at least a keep-alive comment
+# every SSE_KEEPALIVE_S (15 s), far inside `timeout server` and `timeout client`. No stream needs
+# the affinity cookie: its Last-Event-ID resumes it on any pod.
 frontend pubsock
     bind 127.0.0.1:{port}
-    acl to_api path_beg /v1/
+{frontend_rules}    acl to_api path_beg /v1/
     use_backend api if to_api
     default_backend socket
 
@@ -410,14 +414,30 @@ backend socket
 """
 
 
+# A network that lets no websocket through (some corporate proxies): upgrades refused with 403.
+DENY_WEBSOCKETS = """\
+    acl websocket_upgrade hdr(upgrade) -i websocket
+    http-request deny deny_status 403 if websocket_upgrade
+"""
+
+
 class LoadBalancer:
-    """HAProxy in the GCLB's part: `/v1/` to the api, the rest to socket pods with a cookie."""
+    """HAProxy in the GCLB's part: `/v1/` to the api, the rest to socket pods with a cookie.
+
+    `deny_websockets` plays a proxy that refuses websocket upgrades (browsers fall back to SSE).
+    """
 
     def __init__(
-        self, port: int, api_ports: list[int], socket_ports: list[int], work_dir: Path
+        self,
+        port: int,
+        api_ports: list[int],
+        socket_ports: list[int],
+        work_dir: Path,
+        deny_websockets: bool = False,
+        name: str = "haproxy",
     ) -> None:
         self.port = port
-        self.config_path = work_dir / "haproxy.cfg"
+        self.config_path = work_dir / f"{name}.cfg"
         api = "\n".join(f"    server api{i} 127.0.0.1:{p}" for i, p in enumerate(api_ports, 1))
         sockets = "\n".join(
             f"    server socket-{i} 127.0.0.1:{p} cookie socket-{i}"
@@ -426,7 +446,8 @@ class LoadBalancer:
         self.config_path.write_text(
             HAPROXY_CONFIG.format(
                 port=port,
-                pidfile=work_dir / "haproxy.pid",
+                pidfile=work_dir / f"{name}.pid",
+                frontend_rules=DENY_WEBSOCKETS if deny_websockets else "",
                 cookie=AFFINITY_COOKIE,
                 api_servers=api,
                 socket_servers=sockets,
@@ -434,7 +455,7 @@ class LoadBalancer:
         )
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.process = Process(
-            "haproxy", [haproxy, "-db", "-f", str(self.config_path)], os.environ, work_dir
+            name, [haproxy, "-db", "-f", str(self.config_path)], os.environ, work_dir
         )
 
     @property

@@ -69,6 +69,9 @@ def test_socket_backend_numbers(gke_objs):
     assert bc["sessionAffinity"]["affinityType"] == "GENERATED_COOKIE"
     assert 0 < bc["sessionAffinity"]["affinityCookieTtlSec"] <= 86400
     assert bc["timeoutSec"] > float(cfg["MAX_CONNECTION_AGE_S"]) * 1.1
+    # An SSE stream that carries nothing gets a comment this often: inside the 60 s idle
+    # timeouts of proxies on the way, and the GFE's.
+    assert 0 < float(cfg["SSE_KEEPALIVE_S"]) <= 30
     assert bc["connectionDraining"]["drainingTimeoutSec"] < grace
     budget = (
         vm.prestop_sleep_s(deploy)
@@ -112,7 +115,8 @@ def test_service_annotations_are_json(gke_objs):
 
 
 def test_ingress_class_and_routes(gke_objs):
-    """The class is the gce annotation (no ingressClassName); /v1 -> api, /ws and / -> socket."""
+    """The class is the gce annotation (no ingressClassName); /v1 -> api, /ws, /sse and / ->
+    socket."""
     ing = get(gke_objs, "Ingress", "pubsock")
     ann = ing["metadata"]["annotations"]
     assert ann["kubernetes.io/ingress.class"] == "gce"
@@ -123,6 +127,8 @@ def test_ingress_class_and_routes(gke_objs):
     assert vm.gce_route(ing, host, "/v1") == "api"
     assert vm.gce_route(ing, host, "/ws") == "socket"
     assert vm.gce_route(ing, host, "/socket.io/") == "socket"
+    assert vm.gce_route(ing, host, "/sse") == "socket"
+    assert vm.gce_route(ing, host, "/sse/presence") == "socket"
     assert vm.gce_route(ing, host, "/") == "socket"
     assert vm.gce_route(ing, host, "/pubsock.js") == "socket"
     assert vm.gce_route(ing, host, "/v1beta") == "socket"  # Prefix matches whole path segments
