@@ -20,8 +20,11 @@
 //   #presence-count (presence-count)    connections in the room (all pods), "–" until known
 //   #presence-members (presence-members) one <li data-sub="name"> per member
 //   #events (event-log)                 newest first; each <li data-event="..."> with one of
-//       state, pod, reconnecting, recovered, gap, subscribed, refreshed, join, leave, error
+//       state, pod, transport, reconnecting, recovered, gap, subscribed, refreshed, join, leave, error
 //   window.pubsockDemo                  { client, channel, name } for scripted tests
+//
+// `?transport=sse` (or `websocket`) in the page's URL is passed to the client (default: auto,
+// websockets with a fallback to Server-Sent Events).
 //
 // No build step: this file, demo.css and index.html are served as they are by the socket pods.
 
@@ -31,6 +34,7 @@ const $ = (id) => document.getElementById(id);
 const NAME_RE = /^(?=.*\S)[A-Za-z0-9 ._-]{1,40}$/;
 const ROOM_RE = /^[A-Za-z0-9_.@-]{1,100}$/;
 const PRESENCE_POLL_MS = 15000;
+const TRANSPORT = new URLSearchParams(location.search).get("transport") ?? "auto";
 const EVENT_LOG_MAX = 200;
 const MESSAGES_MAX = 500;
 
@@ -209,8 +213,9 @@ function wire(client) {
   });
   client.on("pod", ({ pod, via }) => {
     $("pod").textContent = pod;
-    logEvent("pod", via === "ws" ? `served by pod ${pod}` : `load balancer points to pod ${pod}`);
+    logEvent("pod", via === "http" ? `load balancer points to pod ${pod}` : `served by pod ${pod}`);
   });
+  client.on("transport", ({ transport, reason }) => logEvent("transport", `using ${transport}: ${reason}`));
   client.on("reconnecting", ({ code, delay }) => {
     logEvent("reconnecting", `connection closed (${code}); reconnecting in ${(delay / 1000).toFixed(1)} s`);
   });
@@ -269,6 +274,7 @@ async function join(event) {
       token,
       getToken: () => demoToken(name),
       apiBase: config.api_base || "",
+      transport: TRANSPORT,
     });
     state.client = client;
     wire(client);

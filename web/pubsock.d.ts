@@ -55,11 +55,17 @@ export interface ClientErrorDetail {
 
 export type ConnectionState = "connecting" | "open" | "closed";
 
+/** What carries the client's channels: a websocket, or one Server-Sent Events stream. */
+export type Transport = "websocket" | "sse";
+
 export interface PubsockEvents {
   /** The connection changed state; `code` and `reason` come with "closed". */
   state: { state: ConnectionState; code?: number; reason?: string };
-  /** The pod serving this client: from the warm-up response header ("http") or a pong ("ws"). */
-  pod: { pod: string; via: "http" | "ws" };
+  /** The pod serving this client: from the warm-up response header ("http"), a pong ("ws") or the
+   * event stream's first event ("sse"). */
+  pod: { pod: string; via: "http" | "ws" | "sse" };
+  /** Websockets could not connect `sseFallbackAfter` times in a row: the client uses SSE now. */
+  transport: { transport: Transport; reason: string };
   /** A resubscribe with `since` was answered `recovered: true`: nothing was missed. */
   recovered: { channel: string; since: Position | null; position: Position };
   /** `recovered: false`: messages may be missing; reload the channel's state. */
@@ -80,6 +86,13 @@ export interface PubsockEvents {
 export interface PubsockOptions {
   /** Websocket URL. Default: `ws(s)://<this page's host>/ws`. */
   url?: string;
+  /** "auto" (default): websockets, falling back to SSE after `sseFallbackAfter` failed
+   * handshakes in a row; "websocket": never SSE; "sse": SSE from the start. */
+  transport?: "auto" | Transport;
+  /** Server-Sent Events URL. Default: `http(s)://<the websocket's host>/sse`. */
+  sseUrl?: string;
+  /** Failed websocket handshakes in a row before "auto" falls back to SSE. Default 2. */
+  sseFallbackAfter?: number;
   /** Client token (a JWT), sent as `?token=`. */
   token?: string | null;
   /** Returns a fresh token: used before expiry (`refresh` frame), after 1008, and for reconnects. */
@@ -115,6 +128,8 @@ export interface PubsockOptions {
   tokenRefetchAfterFailures?: number;
   // Injectable for tests.
   WebSocket?: { new (url: string): WebSocket };
+  /** null turns SSE off. */
+  EventSource?: { new (url: string, init?: EventSourceInit): EventSource } | null;
   fetch?: typeof fetch;
   setTimeout?: (fn: () => void, ms: number) => unknown;
   clearTimeout?: (id: unknown) => void;
@@ -144,6 +159,9 @@ export declare const CLOSE_TRY_AGAIN_LATER: 1013;
 
 export declare function decodeJwtPayload(token: string): Record<string, unknown> | null;
 export declare function tokenExpiryMs(token: string | null): number | null;
+/** The positions in an SSE event id (`<channel>=<position>,...`), or null. */
+export declare function parseEventId(id: string): Map<string, Position> | null;
+export declare function formatEventId(pairs: [string, Position][]): string;
 export declare function fullJitter(
   attempt: number,
   baseMs: number,
@@ -168,7 +186,10 @@ export declare class PubsockError extends Error {
 export declare class PubsockClient extends EventTarget {
   constructor(options?: PubsockOptions);
   readonly url: string;
+  readonly sseUrl: string;
   readonly apiBase: string;
+  /** The transport in use (or tried next). */
+  readonly transport: Transport;
   readonly state: ConnectionState;
   readonly pod: string | null;
   readonly token: string | null;
@@ -200,6 +221,7 @@ export declare class PubsockClient extends EventTarget {
   channels(): string[];
   /** The last position seen on the channel: what the next resubscribe sends as `since`. */
   position(channel: string): Position | null;
+  /** Over the websocket, or `GET /sse/presence` in SSE mode. */
   presence(channel: string, options?: { timeoutMs?: number }): Promise<PresenceFrame>;
   setToken(token: string | null): void;
   publish(channel: string, data: unknown, options?: PublishOptions): Promise<{ id: string; channel: string }>;

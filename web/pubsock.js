@@ -28,8 +28,18 @@
 // Before each websocket, one plain HTTP request (GET /config.json of the socket service) lets a
 // load balancer with cookie affinity set its cookie, so the upgrade lands on the same pod.
 //
-// Everything that touches the outside is injectable (WebSocket, fetch, timers, clock, random), so
-// the module runs unchanged under Node's test runner with fakes.
+// Server-Sent Events: where websockets cannot connect (a proxy refuses the upgrade), the client
+// falls back, after `sseFallbackAfter` failed handshakes in a row, to one EventSource (GET /sse)
+// carrying every subscribed channel (browsers allow six HTTP/1.1 connections per host: one stream
+// per client, one client per page). Publishing is HTTP either way. The stream is reopened with the
+// new channel list, its positions in `last_event_id`, when subscriptions change or the token is
+// refreshed; the same events (subscribed, recovered, gap, join, leave, pod) reach the
+// application. The client reconnects the stream itself (same policy as above, close codes from
+// the server's `close` event), never leaving it to the browser: a reconnect then carries a fresh
+// token. `transport: "sse"` uses SSE from the start.
+//
+// Everything that touches the outside is injectable (WebSocket, EventSource, fetch, timers, clock,
+// random), so the module runs unchanged under Node's test runner with fakes.
 
 export const CLOSE_NORMAL = 1000;
 export const CLOSE_TOKEN_EXPIRED = 1008;
@@ -40,6 +50,8 @@ export const CLOSE_ABNORMAL = 1006;
 
 const WS_OPEN = 1;
 const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,128}$/;
+const TRANSPORTS = ["auto", "websocket", "sse"];
+const SSE_EVENTS = ["subscribed", "join", "leave", "pod", "close"];
 
 const DEFAULTS = {
   backoffBaseMs: 500,
@@ -54,7 +66,28 @@ const DEFAULTS = {
   publishRetries: 5,
   presenceTimeoutMs: 5000,
   tokenRefetchAfterFailures: 3,
+  sseFallbackAfter: 2,
 };
+
+/**
+ * The positions in an SSE stream's event id (`<channel>=<position>,...`, docs/protocol.md):
+ * a Map channel -> position, or null when the id is not such a list.
+ */
+export function parseEventId(id) {
+  if (typeof id !== "string" || id === "") return null;
+  const positions = new Map();
+  for (const pair of id.split(",")) {
+    const at = pair.indexOf("=");
+    if (at <= 0 || at === pair.length - 1) return null;
+    positions.set(pair.slice(0, at), pair.slice(at + 1));
+  }
+  return positions;
+}
+
+/** An SSE event id from [channel, position] pairs (what `last_event_id` carries). */
+export function formatEventId(pairs) {
+  return pairs.map(([channel, position]) => `${channel}=${position}`).join(",");
+}
 
 /** Decodes the payload of a JWT (base64url JSON) without verifying it; null when malformed. */
 export function decodeJwtPayload(token) {
@@ -122,6 +155,31 @@ function defaultSocketUrl() {
   return `${loc.protocol === "https:" ? "wss" : "ws"}://${loc.host}/ws`;
 }
 
+function sseUrlFor(wsUrl) {
+  try {
+    const url = new URL(wsUrl);
+    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+    url.pathname = "/sse";
+    url.search = "";
+    url.hash = "";
+    return url.toString();
+  } catch {
+    return "/sse";
+  }
+}
+
+function presenceUrlFor(sseUrl) {
+  const base = globalThis.location?.href;
+  try {
+    const url = base ? new URL(sseUrl, base) : new URL(sseUrl);
+    url.pathname = `${url.pathname.replace(/\/+$/, "")}/presence`;
+    url.search = "";
+    return url.toString();
+  } catch {
+    return `${sseUrl.replace(/\/+$/, "")}/presence`;
+  }
+}
+
 function configUrlFor(wsUrl) {
   try {
     const url = new URL(wsUrl);
@@ -153,8 +211,18 @@ export class PubsockClient extends EventTarget {
     for (const key of Object.keys(DEFAULTS)) {
       if (options[key] !== undefined) this.options[key] = options[key];
     }
+    this.sseUrl = options.sseUrl ?? sseUrlFor(url);
+    const transport = options.transport ?? "auto";
+    if (!TRANSPORTS.includes(transport)) {
+      throw new TypeError(`PubsockClient: transport must be one of ${TRANSPORTS.join(", ")}`);
+    }
     this._getToken = options.getToken ?? null;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    // null: no SSE (an explicit null is kept, so tests can turn the fallback off)
+    this._EventSource = options.EventSource !== undefined ? options.EventSource : globalThis.EventSource;
+    this._transportOption = transport;
+    // "websocket" or "sse": what the client uses now (auto starts with websockets if it can).
+    this._mode = transport === "sse" || (transport === "auto" && !this._WebSocket) ? "sse" : "websocket";
     this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
     this._setTimeout = options.setTimeout ?? globalThis.setTimeout.bind(globalThis);
     this._clearTimeout = options.clearTimeout ?? globalThis.clearTimeout.bind(globalThis);
@@ -178,6 +246,8 @@ export class PubsockClient extends EventTarget {
     this._presenceWaiters = new Map(); // channel -> [{resolve, reject, timer}]
 
     this._ws = null;
+    this._es = null; // the EventSource in SSE mode
+    this._wsFailures = 0; // websocket handshakes failed in a row (the SSE fallback counts them)
     this._opened = false;
     this._generation = 0;
     this._running = false;
@@ -191,7 +261,9 @@ export class PubsockClient extends EventTarget {
     this._timers = {};
     this._openWaiters = [];
     this._onOnline = () => {
-      if (this._running && this._timers.reconnect !== undefined) this._startConnecting();
+      if (!this._running) return;
+      if (this._timers.reconnect !== undefined) this._startConnecting();
+      else if (this._mode === "sse") this._streamChanged(); // the old stream may be dead
     };
   }
 
@@ -200,6 +272,11 @@ export class PubsockClient extends EventTarget {
   /** "connecting", "open" or "closed". */
   get state() {
     return this._state;
+  }
+
+  /** "websocket" or "sse": the transport in use (or tried next). */
+  get transport() {
+    return this._mode;
   }
 
   /** The pod that serves this client (from the last pong, or the warm-up response). */
@@ -255,7 +332,7 @@ export class PubsockClient extends EventTarget {
         /* already closing */
       }
     }
-    this._connectionEnded();
+    this._connectionEnded(); // closes the EventSource too
     const waiters = this._openWaiters.splice(0);
     for (const w of waiters) w.reject(new PubsockError("closed", "client closed"));
     if (this._state !== "closed") this._setState("closed", { code: CLOSE_NORMAL, reason: "closed by client" });
@@ -297,6 +374,8 @@ export class PubsockClient extends EventTarget {
     if (resend && this._isOpen()) {
       this._sendSubscribe(entry);
       if (entry.sentSince) this._send({ type: "ping" }); // its pong marks the end of the replay
+    } else if (resend) {
+      this._streamChanged();
     }
     return promise;
   }
@@ -312,6 +391,7 @@ export class PubsockClient extends EventTarget {
     if (this._isOpen() && this._send({ type: "unsubscribe", channel })) {
       this._pendingUnsubscribes.set(channel, (this._pendingUnsubscribes.get(channel) ?? 0) + 1);
     }
+    this._streamChanged();
   }
 
   /** Channels this client is subscribed to (or will subscribe to when connected). */
@@ -326,6 +406,7 @@ export class PubsockClient extends EventTarget {
 
   /** Asks who is on `channel` now (all pods). Resolves with the `presence` frame. */
   presence(channel, { timeoutMs = this.options.presenceTimeoutMs } = {}) {
+    if (this._mode === "sse") return swallow(this._presenceOverHttp(channel, timeoutMs));
     if (!this._isOpen()) {
       return swallow(Promise.reject(new PubsockError("not_connected", "not connected", channel)));
     }
@@ -354,6 +435,7 @@ export class PubsockClient extends EventTarget {
       this._send({ type: "refresh", token });
     } else {
       this._setTokenValue(token);
+      if (this._mode === "sse" && token && token !== this._socketToken) this._streamChanged();
     }
   }
 
@@ -443,7 +525,8 @@ export class PubsockClient extends EventTarget {
     }
     if (this.configUrl) await this._warmUp(generation);
     if (generation !== this._generation) return;
-    this._openSocket();
+    if (this._mode === "sse") this._openStream();
+    else this._openSocket();
   }
 
   /** A plain request to the socket service first: the load balancer sets its affinity cookie. */
@@ -501,6 +584,7 @@ export class PubsockClient extends EventTarget {
     this._clearTimer("connect");
     this._opened = true;
     this._handshakeFailures = 0;
+    this._wsFailures = 0;
     this._podAnnounced = false;
     this._lastFrameAt = this._now();
     this._setState("open");
@@ -534,10 +618,15 @@ export class PubsockClient extends EventTarget {
 
   /** Clears what belongs to one connection. */
   _connectionEnded() {
-    for (const name of ["connect", "ping", "pong", "refresh", "stable"]) this._clearTimer(name);
+    for (const name of ["connect", "ping", "pong", "refresh", "stable", "restart"]) this._clearTimer(name);
     this._ws = null;
+    if (this._es) {
+      this._detachStream(this._es);
+      this._es = null;
+    }
     for (const entry of this._channels.values()) {
       entry.active = false;
+      entry.quiet = false;
       entry.pendingPosition = null; // the replay may not be complete: keep `since`
     }
     this._pendingUnsubscribes.clear();
@@ -565,6 +654,17 @@ export class PubsockClient extends EventTarget {
     if (!wasOpen) {
       this._handshakeFailures++;
       if (this._handshakeFailures >= this.options.tokenRefetchAfterFailures) this._forceToken = true;
+      if (this._mode === "websocket" && this._transportOption === "auto") {
+        this._wsFailures++;
+        if (this._wsFailures >= this.options.sseFallbackAfter && this._EventSource) {
+          this._mode = "sse";
+          this._handshakeFailures = 0;
+          this._emit("transport", {
+            transport: "sse",
+            reason: `the websocket failed ${this._wsFailures} times in a row`,
+          });
+        }
+      }
     }
     this._scheduleReconnect(code, reason);
   }
@@ -585,6 +685,165 @@ export class PubsockClient extends EventTarget {
       this._timers.reconnect = undefined;
       if (this._running) this._startConnecting();
     }, delay);
+  }
+
+  // -- Server-Sent Events ------------------------------------------------------------------
+
+  /** Opens the one stream of this client: every channel, positions in `last_event_id`. */
+  _openStream() {
+    this._socketToken = this._token;
+    this._socketExpMs = this._tokenExpMs;
+    const entries = [...this._channels.values()];
+    for (const entry of entries) {
+      entry.sentSince = entry.position ?? null;
+      entry.active = false;
+      entry.pendingPosition = null;
+    }
+    if (entries.length === 0) {
+      this._streamOpened(); // nothing to stream until a subscribe
+      return;
+    }
+    const params = new URLSearchParams();
+    params.set("channels", entries.map((e) => e.channel).join(","));
+    const presence = entries.filter((e) => e.presence).map((e) => e.channel);
+    if (presence.length) params.set("presence", presence.join(","));
+    const positions = entries.filter((e) => e.position).map((e) => [e.channel, e.position]);
+    if (positions.length) params.set("last_event_id", formatEventId(positions));
+    if (this._token) params.set("token", this._token);
+    const url = `${this.sseUrl}${this.sseUrl.includes("?") ? "&" : "?"}${params}`;
+    let es;
+    try {
+      es = new this._EventSource(url, { withCredentials: true });
+    } catch (error) {
+      this._emit("error", { code: "client", message: `cannot open the event stream: ${error}`, error });
+      this._setState("closed", { code: CLOSE_ABNORMAL, reason: String(error) });
+      this._scheduleReconnect(CLOSE_ABNORMAL, String(error));
+      return;
+    }
+    this._es = es;
+    this._opened = false;
+    const handle = (event) => {
+      if (this._es !== es) return;
+      this._onData(event.data);
+      this._adoptEventId(event.lastEventId);
+    };
+    es.onopen = () => {
+      if (this._es === es) this._streamOpened();
+    };
+    es.onmessage = handle;
+    for (const type of SSE_EVENTS) es.addEventListener(type, handle);
+    // The response ended or failed: the client reconnects (with a fresh token), not the browser.
+    es.onerror = () => {
+      if (this._es === es) this._streamLost(es, CLOSE_ABNORMAL, "event stream lost");
+    };
+    this._timers.connect = this._setTimeout(() => {
+      if (this._es === es && !this._opened) this._streamLost(es, CLOSE_ABNORMAL, "connect timeout");
+    }, this.options.connectTimeoutMs);
+  }
+
+  _streamOpened() {
+    this._clearTimer("connect");
+    this._opened = true;
+    this._handshakeFailures = 0;
+    this._lastFrameAt = this._now();
+    if (this._state !== "open") {
+      this._podAnnounced = false; // a new connection, not a reopen for new channels
+      this._setState("open");
+    }
+    this._scheduleRefresh(this._socketExpMs);
+    if (this._timers.stable === undefined) {
+      this._timers.stable = this._setTimeout(() => {
+        this._timers.stable = undefined;
+        this._attempt = 0;
+        this._fastReconnects = 0;
+      }, this.options.stableAfterMs);
+    }
+    for (const w of this._openWaiters.splice(0)) w.resolve();
+  }
+
+  _detachStream(es) {
+    es.onopen = es.onmessage = es.onerror = null;
+    try {
+      es.close();
+    } catch {
+      /* already closed */
+    }
+    if (this._es === es) this._es = null;
+  }
+
+  _streamLost(es, code, reason) {
+    this._detachStream(es);
+    this._onSocketClosed(code, reason);
+  }
+
+  /** The server's `close` event: it ends the stream; reconnect as for that websocket code. */
+  _onStreamClose(frame) {
+    const es = this._es;
+    if (!es) return;
+    const code = typeof frame.code === "number" ? frame.code : CLOSE_ABNORMAL;
+    this._streamLost(es, code, typeof frame.reason === "string" ? frame.reason : "");
+  }
+
+  /** Subscriptions or the token changed: reopen the stream soon (one reopen for a burst). */
+  _streamChanged() {
+    if (this._mode !== "sse" || !this._running || this._timers.restart !== undefined) return;
+    if (!this._opened && !this._es) return; // connecting: the next stream has the new list
+    this._timers.restart = this._setTimeout(() => {
+      this._timers.restart = undefined;
+      this._restartStream();
+    }, 0);
+  }
+
+  /** Replaces the stream by one with the current channels and token, resuming every channel
+   * from its position: nothing is missed or repeated, and the application hears of it only
+   * through the new channels' `subscribed` (and any `gap`). */
+  _restartStream() {
+    if (this._mode !== "sse" || !this._running || (!this._opened && !this._es)) return;
+    if (this._es) this._detachStream(this._es);
+    this._clearTimer("connect");
+    this._clearTimer("refresh");
+    for (const entry of this._channels.values()) entry.quiet = entry.active;
+    this._openStream();
+  }
+
+  /** Every event's id says where each channel of the stream stands: those are the positions. */
+  _adoptEventId(id) {
+    const positions = parseEventId(id);
+    if (!positions) return;
+    for (const [channel, position] of positions) {
+      const entry = this._channels.get(channel);
+      if (entry && entry.active) {
+        entry.position = position;
+        entry.pendingPosition = null;
+      }
+    }
+  }
+
+  /** GET /sse/presence: the presence query of a client without a websocket. */
+  async _presenceOverHttp(channel, timeoutMs) {
+    const token = await this._tokenForHttp();
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const url = `${presenceUrlFor(this.sseUrl)}?channel=${encodeURIComponent(channel)}`;
+    let timer;
+    const timeout = new Promise((resolve) => {
+      timer = this._setTimeout(() => resolve(null), timeoutMs);
+    });
+    let response;
+    try {
+      response = await Promise.race([this._fetch(url, { headers, cache: "no-store" }), timeout]);
+    } catch (error) {
+      throw new PubsockError("not_connected", `presence query failed: ${error}`, channel);
+    } finally {
+      this._clearTimeout(timer);
+    }
+    if (!response) throw new PubsockError("timeout", "no presence answer", channel);
+    const body = await response.json().catch(() => null);
+    if (response.status !== 200 || !body) {
+      const code = { 400: "bad_channel", 401: "unauthorized", 403: "forbidden" }[response.status] ?? "error";
+      throw new PubsockError(code, body?.detail ?? `HTTP ${response.status}`, channel);
+    }
+    this._emit("presence", body);
+    return body;
   }
 
   _armHeartbeat() {
@@ -647,6 +906,13 @@ export class PubsockClient extends EventTarget {
     } catch (error) {
       this._emit("error", { code: "token", message: `getToken failed: ${error}`, error });
       if (this._ws === ws) this._scheduleRefresh(this._socketExpMs);
+      return;
+    }
+    if (this._mode === "sse" && this._opened && token && token !== this._socketToken) {
+      // A stream's token is in its URL: reopen it with the new one, resuming every channel.
+      this._setTokenValue(token);
+      this._emit("refreshed", { expires_at: Math.floor((this._tokenExpMs ?? 0) / 1000) });
+      this._restartStream();
       return;
     }
     if (this._ws !== ws || !this._isOpen()) {
@@ -726,6 +992,13 @@ export class PubsockClient extends EventTarget {
       case "error":
         this._onErrorFrame(frame);
         break;
+      case "pod": // SSE: the stream's first event names its pod
+        if (frame.pod && (frame.pod !== this._pod || !this._podAnnounced)) this._setPod(frame.pod, "sse");
+        this._podAnnounced = true;
+        break;
+      case "close": // SSE: the server ends the stream (the code a websocket would get)
+        this._onStreamClose(frame);
+        break;
       default:
         break; // unknown frames are ignored (forward compatible)
     }
@@ -755,6 +1028,14 @@ export class PubsockClient extends EventTarget {
     const entry = this._channels.get(frame.channel);
     if (!entry) return;
     entry.active = true;
+    if (entry.quiet && frame.recovered === true) {
+      // The stream was reopened by this client (a new channel list or token): nothing to say.
+      entry.quiet = false;
+      entry.pendingPosition = frame.position ?? null;
+      for (const w of entry.waiters.splice(0)) w.resolve(frame);
+      return;
+    }
+    entry.quiet = false;
     const since = entry.sentSince;
     if (frame.recovered === false) {
       // This pod cannot prove nothing was missed: start over from where it stands now.

@@ -119,6 +119,73 @@ export function socketClass() {
   };
 }
 
+/**
+ * An EventSource stand-in; the test plays the server: open, emit(type, data, id), end (the
+ * response ended or failed: the browser would reconnect on its own, the client must not let it).
+ */
+export class FakeEventSource {
+  static instances = [];
+
+  static get last() {
+    return this.instances.at(-1);
+  }
+
+  constructor(url, init = {}) {
+    this.url = url;
+    this.withCredentials = Boolean(init.withCredentials);
+    this.readyState = 0;
+    this.closed = false;
+    this.lastEventId = "";
+    this.listeners = new Map();
+    this.onopen = this.onmessage = this.onerror = null;
+    new.target.instances.push(this);
+  }
+
+  get params() {
+    return new URL(this.url).searchParams;
+  }
+
+  addEventListener(type, listener) {
+    const list = this.listeners.get(type) ?? [];
+    list.push(listener);
+    this.listeners.set(type, list);
+  }
+
+  close() {
+    this.closed = true;
+    this.readyState = 2;
+  }
+
+  // -- the server's side ---------------------------------------------------------------
+  open() {
+    this.readyState = 1;
+    this.onopen?.({});
+  }
+
+  /** One event; `id` (when given) becomes the lastEventId, as the `id:` field does. */
+  emit(type, data, id) {
+    if (this.closed) return;
+    if (id !== undefined) this.lastEventId = id;
+    const event = { type, data: JSON.stringify(data), lastEventId: this.lastEventId };
+    if (type === "message") this.onmessage?.(event);
+    else for (const listener of this.listeners.get(type) ?? []) listener(event);
+  }
+
+  /** The response ended, or the request failed (a browser cannot tell a 401 from a 503). */
+  end() {
+    if (this.closed) return;
+    this.readyState = 0;
+    this.onerror?.({});
+  }
+}
+
+/** A fresh FakeEventSource subclass that records its own instances. */
+export function eventSourceClass() {
+  return class extends FakeEventSource {
+    static instances = [];
+  };
+}
+
 export function response(status, body = {}, headers = {}) {
   const lower = Object.fromEntries(Object.entries(headers).map(([k, v]) => [k.toLowerCase(), String(v)]));
   return {

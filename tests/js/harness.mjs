@@ -16,6 +16,7 @@ export const EVENTS = [
   "refreshed",
   "subscribed",
   "unsubscribed",
+  "transport",
 ];
 
 export function setup(options = {}) {
@@ -31,6 +32,7 @@ export function setup(options = {}) {
     clearTimeout: clock.clearTimeout,
     now: clock.now,
     random: () => 0.5,
+    EventSource: null, // no SSE fallback unless a test gives one
     ...options,
   });
   const events = recordEvents(client, EVENTS);
@@ -66,4 +68,12 @@ export async function reconnected(ctx) {
 
 export function subscribeFrames(ws) {
   return ws.sentOf("subscribe");
+}
+
+/** Runs pending promise work until the client has opened an EventSource; returns it. */
+export async function nextStream(ctx, count) {
+  const want = count ?? ctx.ES.instances.length + 1;
+  for (let i = 0; i < 50 && ctx.ES.instances.length < want; i++) await flush(1);
+  if (ctx.ES.instances.length < want) throw new Error("the client opened no new event stream");
+  return ctx.ES.last;
 }
