@@ -240,6 +240,25 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 " ms",
             )
         )
+    sse = results.get("sse")
+    if sse and "kinds" in sse:
+        kinds = sse["kinds"]
+        native = kinds["native"]
+        for index, (kind, label) in enumerate(
+            (("sse", "1 channel a stream"), ("sse-10ch", "10 channels a stream"))
+        ):
+            out.append(
+                _row(
+                    f"7 SSE vs websocket ({sse['clients']} clients)" if index == 0 else "",
+                    f"pod CPU-µs per delivery, SSE {label}",
+                    kinds[kind]["cpu_us"],
+                    native["cpu_us"],
+                    kinds[kind].get("ratio"),
+                    None,
+                    " µs",
+                    "baseline: native websockets, same run",
+                )
+            )
     return out
 
 
@@ -292,6 +311,13 @@ def correctness(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"publish api: {api['pubsock']['accepted']} accepted, {api['pubsock']['failures']} "
             f"failed; bare {api['baseline']['accepted']} ok, {api['baseline']['failures']} failed"
+        )
+    sse = results.get("sse")
+    if sse and "kinds" in sse:
+        lines.append(
+            f"sse: every client of each kind ({', '.join(sse['kinds'])}) got all "
+            f"{sse['messages']} messages in each of {sse['rounds']} round(s), "
+            f"{sse['clients']} clients a kind"
         )
     rec = results.get("recovery")
     if rec and "pubsock" in rec:

@@ -66,6 +66,11 @@ class Profile:
     ingest_batch_latency_s: float = 0.05
     wrk_connections: int = 16
     client_tick_ms: float = 2.0
+    # 7. SSE against native websockets (bench.socketio_bench): clients per kind, messages, rate.
+    sse_clients: int = 500
+    sse_messages: int = 1500
+    sse_rate: float = 100.0
+    sse_rounds: int = 2
     settle_s: float = 1.0  # pauses before RSS and idle-CPU readings
 
 
@@ -108,6 +113,9 @@ QUICK = Profile(
     memory_connections=2000,
     recovery_clients=1000,
     settle_s=0.5,
+    sse_clients=200,
+    sse_messages=300,
+    sse_rounds=1,
 )
 
 
@@ -604,6 +612,31 @@ def recovery(bench: Bench) -> dict[str, Any]:
         results["pubsock"]["server_cpu_s"], results["bare"]["server_cpu_s"]
     )
     return results
+
+
+# -- 7. Server-Sent Events against native websockets ------------------------------------------
+SSE_KINDS = ["native", "sse", "sse-10ch"]
+
+
+def sse(bench: Bench) -> dict[str, Any]:
+    """The pod's CPU per delivery for N SSE streams against N native websockets, one channel,
+    the same messages, in the same run (interleaved); and with ten channels on each stream, so
+    that every event's id carries ten positions (bench.socketio_bench)."""
+    from bench.socketio_bench import compare
+
+    p = bench.profile
+    say(
+        f"sse: {p.sse_clients} clients of each kind ({', '.join(SSE_KINDS)}), "
+        f"{p.sse_messages} messages at {p.sse_rate:g}/s, {p.sse_rounds} round(s)"
+    )
+    kinds = compare(SSE_KINDS, p.sse_clients, p.sse_messages, p.sse_rate, p.sse_rounds, False)
+    return {
+        "clients": p.sse_clients,
+        "messages": p.sse_messages,
+        "rate": p.sse_rate,
+        "rounds": p.sse_rounds,
+        "kinds": kinds,
+    }
 
 
 # -- the emulator scenarios (2, 4, 3) --------------------------------------------------------

@@ -1,17 +1,23 @@
-"""socket.io deliveries next to native ones, on one socket pod.
+"""Other kinds of session next to native websockets, on one socket pod: socket.io and
+Server-Sent Events.
 
-`python -m bench.socketio_bench [--clients 200] [--messages 1000] [--rate 100] [--rounds 2]`
+`python -m bench.socketio_bench [--clients 200] [--messages 1000] [--rate 100] [--rounds 2]
+[--kinds native,socket.io]` (kinds: native, socket.io, sse, sse-10ch)
 
 One real `Pod` on the in-process memory broker (a child process), N clients on one channel in
-another child process: either N native websocket clients (`/ws`, subscribe) or N socket.io
-clients over the websocket transport (`/socket.io/?EIO=4&transport=websocket`, CONNECT, `join`,
-answering Engine.IO pings; raw frames, no socket.io-client library, so the client side costs the
-same for both). The pod publishes M messages at a steady rate (or in a burst) exactly as the api
-would (Envelope, ordering key = channel); the run ends when every client has every message.
-Per kind:
+another child process, all of one kind:
+- `native`: websocket clients (`/ws`, subscribe);
+- `socket.io`: socket.io clients over the websocket transport (`/socket.io/?EIO=4&transport=
+  websocket`, CONNECT, `join`, answering Engine.IO pings; raw frames, no socket.io-client
+  library, so the client side costs about the same);
+- `sse`: `GET /sse?channels=bench` streams, read raw (messages counted by their `data:` line);
+- `sse-10ch`: the same with nine more (quiet) channels on each stream, so every event's `id:`
+  line carries ten positions: what the per-session id costs as it grows.
+The pod publishes M messages at a steady rate (or in a burst) exactly as the api would
+(Envelope, ordering key = channel); the run ends when every client has every message. Per kind:
 deliveries per wall second, the pod's CPU-µs per delivery (user + system) and deliveries per
-pod CPU-second. Kinds are interleaved (native, socket.io, socket.io, native, ...) so a change in
-the machine's load hits both.
+pod CPU-second. Kinds are interleaved (A, B, B, A, ...) so a change in the machine's load hits
+every kind.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ import orjson
 
 CHANNEL = "bench"
 TEXT = "the quick brown fox jumps over the lazy dog"
+KINDS = ("native", "socket.io", "sse", "sse-10ch")
+SSE_MESSAGE = b'data: {"type":"message"'
+# The quiet channels of `sse-10ch`: names as long as the bench channel's typical peers.
+QUIET_CHANNELS = [f"bench-quiet-{n}" for n in range(1, 10)]
 
 
 def _cpu_s() -> float:
@@ -160,7 +170,35 @@ async def clients(kind: str, url: str, count: int) -> None:
         if joined == count:
             ready.set_result(None)
 
-    run = native if kind == "native" else socketio
+    async def sse(index: int) -> None:
+        nonlocal finished
+        channels = [CHANNEL] + (QUIET_CHANNELS if kind == "sse-10ch" else [])
+        host, port = url.removeprefix("ws://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        query = ",".join(channels)
+        writer.write(f"GET /sse?channels={query} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = b""
+        while head.count(b"event: subscribed") < len(channels):
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                raise ConnectionError("the stream ended before it was subscribed")
+            head += chunk
+        subscribed()
+        tail = b""
+        keep = len(SSE_MESSAGE) - 1
+        while chunk := await reader.read(1 << 16):
+            data = tail + chunk
+            counts[index] += data.count(SSE_MESSAGE)
+            tail = data[-keep:]
+            if expected and counts[index] >= expected and not done_by[index]:
+                done_by[index] = True
+                finished += 1
+                if finished == count:
+                    done.set()
+        writer.close()
+
+    run = {"native": native, "socket.io": socketio}.get(kind, sse)
+    done_by = [False] * count
     tasks = []
     for index in range(count):
         tasks.append(asyncio.create_task(run(index)))
@@ -176,6 +214,7 @@ async def clients(kind: str, url: str, count: int) -> None:
             finished = 0
             for index in range(count):
                 counts[index] = 0
+                done_by[index] = False
             done.clear()
             _out({"armed": True})
             try:
@@ -264,13 +303,27 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=100.0, help="messages per second; 0 = as fast as possible"
     )
+    parser.add_argument(
+        "--kinds", default="native,socket.io", help=f"comma-separated, of {', '.join(KINDS)}"
+    )
     args = parser.parse_args()
-    results: dict[str, list[dict[str, float]]] = {"native": [], "socket.io": []}
-    order = ["native", "socket.io"]
-    for round_ in range(args.rounds):
+    order = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
+    if not order or any(kind not in KINDS for kind in order):
+        parser.error(f"--kinds: a comma-separated list of {', '.join(KINDS)}")
+    compare(order, args.clients, args.messages, args.rate, args.rounds, print_runs=True)
+
+
+def compare(
+    order: list[str], clients: int, messages: int, rate: float, rounds: int, print_runs: bool
+) -> dict[str, dict[str, float]]:
+    """Every kind `rounds` times, interleaved; the median of each, and ratios to the first."""
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in order}
+    for round_ in range(rounds):
         for kind in order if round_ % 2 == 0 else reversed(order):
-            result = measure(kind, args.clients, args.messages, args.rate)
+            result = measure(kind, clients, messages, rate)
             results[kind].append(result)
+            if not print_runs:
+                continue
             print(
                 f"{kind:9}  {result['per_s']:>10,.0f} deliveries/s  "
                 f"{result['cpu_us']:6.2f} pod CPU-µs/delivery  "
@@ -278,22 +331,25 @@ def main() -> None:
                 f"({result['wall_s']:.2f} s)",
                 flush=True,
             )
-    print(
-        f"\n{args.clients} clients on one channel, {args.messages} messages, median of "
-        f"{args.rounds}:"
-    )
-    summary = {}
+    print(f"\n{clients} clients on one channel, {messages} messages, median of {rounds}:")
+    summary: dict[str, dict[str, float]] = {}
     for kind, runs in results.items():
         summary[kind] = {
-            key: statistics.median(r[key] for r in runs) for key in ("per_s", "cpu_us", "per_cpu_s")
+            key: statistics.median(r[key] for r in runs)
+            for key in ("per_s", "cpu_us", "per_cpu_s", "user_us", "system_us")
         }
+        summary[kind]["runs"] = len(runs)
         s = summary[kind]
         print(
             f"  {kind:9}  {s['per_s']:>10,.0f} deliveries/s   {s['cpu_us']:6.2f} pod CPU-µs per "
             f"delivery   {s['per_cpu_s']:>10,.0f} deliveries per pod CPU-second"
         )
-    ratio = summary["socket.io"]["cpu_us"] / summary["native"]["cpu_us"]
-    print(f"  socket.io / native pod CPU per delivery: {ratio:.2f}x")
+    first = order[0]
+    for kind in order[1:]:
+        ratio = summary[kind]["cpu_us"] / summary[first]["cpu_us"]
+        summary[kind]["ratio"] = ratio
+        print(f"  {kind} / {first} pod CPU per delivery: {ratio:.2f}x")
+    return summary
 
 
 def _raise_nofile_limit() -> None:

@@ -8,10 +8,12 @@ from `?token=` or `Authorization: Bearer`; the channels, each allowed by the tok
 budget, maximum age, keep-alive comments), token expiry and the drain come with that.
 
 Delivery cost: a message's event (`data: <message JSON>\\n\\n`) is built once per pod by
-`SseFraming`, the same bytes for every SSE session; each session then writes its own `id:` line
-in front of it: where each of its channels stands (sse_id.py), so that a browser's automatic
-reconnect (`Last-Event-ID`), to any pod, resumes every channel exactly once. That line is the
-per-session work of a delivery (bench/README.md measures it).
+`SseFraming`, the same bytes for every SSE session, with its `<channel>=<id>` pair and, for the
+streams of that one channel, the whole event with its `id:` line. A stream of several channels
+writes its own `id:` line in front of the shared bytes: where each of its channels stands
+(sse_id.py), so that a browser's automatic reconnect (`Last-Event-ID`), to any pod, resumes every
+channel exactly once. Joining that line is the per-session work of a delivery (bench/README.md
+measures it).
 
 Also here: `GET /sse/presence?channel=...`, the presence query of a client that has no websocket
 to ask on.
@@ -25,7 +27,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
@@ -92,16 +94,19 @@ def message_payload(entry: Entry) -> bytes:
 
 class SseEvent(bytes):
     """A message's event for every SSE session of a pod (`data: ...\\n\\n`), built once, with
-    what each session needs to put its own `id:` line in front: the channel and the message's
-    id. (`bytes`, so the hub passes it on like any framing's bytes.)"""
+    what each session needs to put its own `id:` line in front: the channel, its new
+    `<channel>=<id>` pair, and for a stream of that channel alone the whole event, id included.
+    (`bytes`, so the hub passes it on like any framing's bytes.)"""
 
     channel: str
-    position: bytes
+    pair: bytes
+    single: bytes
 
-    def __new__(cls, data: bytes, channel: str, position: bytes) -> SseEvent:
+    def __new__(cls, data: bytes, channel: str, message_id: str) -> SseEvent:
         built = super().__new__(cls, data)
         built.channel = channel
-        built.position = position
+        built.pair = channel.encode("ascii") + b"=" + message_id.encode("ascii")
+        built.single = b"".join((b"id: ", built.pair, b"\n", data))
         return built
 
 
@@ -111,9 +116,7 @@ class SseFraming:
     __slots__ = ()
 
     def frame(self, channel: str, entry: Entry) -> bytes:
-        return SseEvent(
-            b"data: " + message_payload(entry) + b"\n\n", channel, entry.id.encode("ascii")
-        )
+        return SseEvent(b"data: " + message_payload(entry) + b"\n\n", channel, entry.id)
 
     def presence(self, channel: str, kind: str, sub: str | None) -> bytes | None:
         return event(kind, orjson.dumps({"type": kind, "channel": channel, "sub": sub}))
@@ -154,15 +157,18 @@ class SseParts:
 
 class SseSession:
     __slots__ = (
+        "_around",
         "_client_bytes",
         "_close_timer",
         "_expiry",
+        "_hot",
         "_pairs",
         "_parts",
         "_prefixes",
         "_presence",
         "_presence_wanted",
         "_quiet_since",
+        "_single",
         "_slots",
         "_wrote",
         "channels",
@@ -195,6 +201,9 @@ class SseSession:
         self._slots = {channel: index for index, channel in enumerate(channels)}
         self._prefixes = [channel.encode("ascii") + b"=" for channel in channels]
         self._pairs = list(self._prefixes)
+        self._single = len(channels) == 1
+        self._hot = -1  # the channel `_around` is for
+        self._around = (b"", b"")
         self.open = True
         now = time.monotonic()
         self._quiet_since = now
@@ -217,6 +226,7 @@ class SseSession:
     def _set_position(self, channel: str, position: str) -> None:
         index = self._slots[channel]
         self._pairs[index] = self._prefixes[index] + position.encode("ascii")
+        self._hot = -1
 
     def _id(self) -> bytes:
         return b",".join(self._pairs)
@@ -282,28 +292,39 @@ class SseSession:
         self.wire.replayed()
 
     # -- writing -----------------------------------------------------------------------------
-    def _message(self, data: bytes) -> bytes:
-        built = cast(SseEvent, data)
-        index = self._slots[built.channel]
+    def _message(self, built: SseEvent) -> bytes:
+        """The event with this stream's id: shared bytes when the stream has one channel."""
         pairs = self._pairs
-        pairs[index] = self._prefixes[index] + built.position
-        if len(pairs) == 1:
-            return b"id: " + pairs[0] + b"\n" + data
-        return b"id: " + b",".join(pairs) + b"\n" + data
+        if self._single:
+            pairs[0] = built.pair
+            return built.single
+        index = self._slots[built.channel]
+        pairs[index] = built.pair
+        if index != self._hot:
+            # The id around this channel's pair, kept while messages come on this channel
+            # (the others' pairs change only when they do, or by `_set_position`).
+            self._hot = index
+            self._around = (
+                b"".join((b"id: ", *(p + b"," for p in pairs[:index]))),
+                b"".join((*(b"," + p for p in pairs[index + 1 :]), b"\n")),
+            )
+        head, tail = self._around
+        return b"".join((head, built.pair, tail, built))
 
     def deliver(self, data: bytes) -> bool:
         """Writes a live message with this stream's id in front, unless the unsent data is over
-        budget (then the hub closes us)."""
+        budget (then the hub closes us). `data` is the SseFraming's `SseEvent`."""
         if not self.open:
             return True
         self._wrote = True
-        return self.wire.deliver(self._message(data))
+        return self.wire.deliver(self._message(data))  # type: ignore[arg-type]
 
     def deliver_batch(self, frames: list[bytes]) -> bool:
         if not self.open:
             return True
         self._wrote = True
-        return self.wire.deliver(b"".join([self._message(frame) for frame in frames]))
+        message = self._message
+        return self.wire.deliver(b"".join([message(f) for f in frames]))  # type: ignore[arg-type]
 
     def send_raw(self, data: bytes) -> None:
         """Control events (subscribed, presence, a replay): always written."""

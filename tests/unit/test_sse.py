@@ -133,6 +133,24 @@ async def test_each_message_moves_its_channel_in_the_id(parts: Parts) -> None:
     assert decode_positions(second["id"], 10) == {"room:1": "m000002", "room:2": "m000001"}
 
 
+async def test_the_id_follows_every_channel_whatever_the_order(parts: Parts) -> None:
+    channels = ["room:1", "room:2", "room:3"]
+    stream = open_stream(parts, channels)
+    expected = decode_positions(stream.events()[0]["id"], 10)
+    order = [2, 2, 1, 3, 1, 1, 2, 3, 3, 1]
+    parts.hub.begin_batch()  # a batch too: one write of several events, each with its id
+    parts.publish("room:1", "batched")
+    parts.publish("room:3", "batched")
+    parts.hub.end_batch()
+    for n in order:
+        parts.publish(f"room:{n}")
+    messages = stream.messages()
+    assert len(messages) == 2 + len(order)
+    for message in messages:
+        expected[message["data"]["channel"]] = message["data"]["id"]
+        assert decode_positions(message["id"], 10) == expected
+
+
 async def test_one_event_build_per_message_for_every_sse_session(
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
