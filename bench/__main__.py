@@ -1,7 +1,8 @@
 """`python -m bench` (`make bench`): pubsock against bare baselines, side by side, in one run.
 
 Prints a table of ratios with the absolute numbers beside them, and writes
-bench/results/<date>.json (quick runs: <date>-quick.json) with PNG plots next to it.
+bench/results/<date>.json (quick runs: <date>-quick.json; --only: <date>-<scenarios>.json) with PNG
+plots next to it.
 See bench/README.md.
 """
 
@@ -159,7 +160,9 @@ def main() -> int:
     )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (dt.date.today().isoformat() + ("-quick" if args.quick else ""))
+    # A run of some scenarios only never overwrites the day's full run.
+    partial = "" if wanted == set(ALL) else "-" + "-".join(n for n in ALL if n in wanted)
+    stem = args.out / (dt.date.today().isoformat() + partial + ("-quick" if args.quick else ""))
     document = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "profile": profile.name,

@@ -501,7 +501,8 @@ class ResultsError(Exception):
 
 
 def latest_results(directory: Path = RESULTS_DIR) -> Path:
-    """The newest full `make bench` results file in `directory` (quick smoke runs skipped)."""
+    """The newest full `make bench` results file in `directory` (quick smoke runs, and runs
+    without the fan-out and memory scenarios, skipped)."""
     newest: tuple[str, str, Path] | None = None
     for path in directory.glob("*.json"):
         try:
@@ -510,6 +511,9 @@ def latest_results(directory: Path = RESULTS_DIR) -> Path:
             continue
         if not isinstance(data, dict) or data.get("profile") != "full":
             continue
+        results = data.get("results")
+        if not isinstance(results, dict) or not {"fanout", "memory"} <= results.keys():
+            continue  # a run of some scenarios only (`--only`)
         key = (str(data.get("date", "")), path.name, path)
         if newest is None or key[:2] > newest[:2]:
             newest = key

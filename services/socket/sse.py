@@ -504,13 +504,13 @@ class SseEndpoint:
                 channels.append(name)
         if len(channels) > limit:
             raise BadStream(400, "bad_request", f"too many channels: at most {limit} a stream")
+        presence = self._presence_channels(request.query_value("presence"), channels)
         if claims is not None:
             for channel in channels:
                 if not claims.may_subscribe(channel):
                     raise BadStream(
                         403, "forbidden", f"the token does not allow channel {channel!r}"
                     )
-        presence = self._presence_channels(request.query_value("presence"), channels)
         last_event_id = request.header("last-event-id")
         if last_event_id is None:
             last_event_id = request.query_value("last_event_id") or ""
