@@ -111,6 +111,8 @@ def _banner(
             f"  publish API      http://127.0.0.1:{lb_port}/v1/...    "
             f"(docs: http://127.0.0.1:{api_port}/docs)",
             f"  websocket        ws://127.0.0.1:{lb_port}/ws",
+            f"  event stream     http://127.0.0.1:{lb_port}/sse?channels=demo:lobby&token=...  "
+            f"(demo page over SSE: /?transport=sse)",
             f"  socket pods      {sockets}",
             f"  emulator         127.0.0.1:{emulator_port} (project local-project, topic {TOPIC},"
             f" retention {retention_s} s)",
