@@ -908,11 +908,17 @@ export class PubsockClient extends EventTarget {
       if (this._ws === ws) this._scheduleRefresh(this._socketExpMs);
       return;
     }
-    if (this._mode === "sse" && this._opened && token && token !== this._socketToken) {
-      // A stream's token is in its URL: reopen it with the new one, resuming every channel.
-      this._setTokenValue(token);
-      this._emit("refreshed", { expires_at: Math.floor((this._tokenExpMs ?? 0) / 1000) });
-      this._restartStream();
+    if (this._mode === "sse") {
+      if (!this._opened) {
+        if (token) this._setTokenValue(token); // for the next stream
+      } else if (!token || token === this._socketToken) {
+        this._scheduleRefresh(this._socketExpMs); // nothing newer yet: ask again later
+      } else {
+        // A stream's token is in its URL: reopen it with the new one, resuming every channel.
+        this._setTokenValue(token);
+        this._emit("refreshed", { expires_at: Math.floor((this._tokenExpMs ?? 0) / 1000) });
+        this._restartStream();
+      }
       return;
     }
     if (this._ws !== ws || !this._isOpen()) {
