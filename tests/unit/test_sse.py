@@ -357,3 +357,14 @@ async def test_token_from_authorization_and_last_event_id_header_wins(parts: Par
     events = Stream(connection.session, connection.transport).events()
     assert [e["event"] for e in events] == ["pod", "subscribed", "message"]
     assert events[1]["data"]["recovered"] is True and events[2]["data"]["id"] == "m000002"
+
+
+def test_the_pod_serves_sse_unless_turned_off() -> None:
+    from services.core.broker.memory import MemoryBroker
+    from services.socket.pod import Pod
+    from services.socket.settings import SocketSettings
+
+    on = Pod(SocketSettings(broker="memory"), MemoryBroker())
+    assert isinstance(on.gateway.endpoints[0], SseEndpoint)  # before socket.io's path prefix
+    off = Pod(SocketSettings(broker="memory", sse_enabled=False), MemoryBroker())
+    assert not any(isinstance(e, SseEndpoint) for e in off.gateway.endpoints)
