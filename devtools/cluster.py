@@ -513,6 +513,12 @@ class LocalCluster:
             else None
         )
 
+    def new_api(self, name: str, port: int, **env: str) -> Service:
+        """Another api on the same emulator, with settings of its own."""
+        return Service(
+            name, "services.api", port, {**self.api.env, "PORT": str(port), **env}, self.work_dir
+        )
+
     def new_socket(self, name: str, port: int, **env: str) -> Service:
         """Another socket pod on the same emulator (e.g. a cold pod started later)."""
         return Service(

@@ -62,18 +62,8 @@ def secure(cluster: LocalCluster, token_secret: str) -> Iterator[Secure]:
         "TOKEN_TTL_MAX_S": "3600",
     }
     api_port, socket_port = free_port(), free_port()
-    api = Service(
-        "api-secure",
-        "services.api",
-        api_port,
-        {
-            **cluster.api.env,
-            **common,
-            "PORT": str(api_port),
-            "PUBLISH_RATE_PER_S": "20",
-            "PUBLISH_BURST": "40",
-        },
-        cluster.work_dir,
+    api = cluster.new_api(
+        "api-secure", api_port, **common, PUBLISH_RATE_PER_S="20", PUBLISH_BURST="40"
     )
     socket = cluster.new_socket(
         "socket-secure",

@@ -161,21 +161,15 @@ async def list_subscriptions(cluster: LocalCluster) -> list[str]:
     return [s["name"] for s in response.json().get("subscriptions", [])]
 
 
-async def test_api_answers_503_with_retry_after_when_pubsub_is_unreachable(cluster, tmp_path):
+async def test_api_answers_503_with_retry_after_when_pubsub_is_unreachable(cluster):
     """No Pub/Sub: a bounded-time 503 with Retry-After and the id to retry with; never a hang."""
     dead, port = free_port(), free_port()
-    api = Service(
+    api = cluster.new_api(
         "api-no-broker",
-        "services.api",
         port,
-        {
-            **cluster.api.env,
-            "PORT": str(port),
-            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{dead}",
-            "PUBLISH_TIMEOUT_S": "2",
-            "BROKER_PROBE_INTERVAL_S": "0.5",
-        },
-        tmp_path,
+        PUBSUB_EMULATOR_HOST=f"127.0.0.1:{dead}",
+        PUBLISH_TIMEOUT_S="2",
+        BROKER_PROBE_INTERVAL_S="0.5",
     )
     api.start()
     try:

@@ -161,20 +161,8 @@ def own_api(cluster: LocalCluster) -> Iterator:
 
     def start(name: str, account: str = "default", wait: bool = True, **env: str) -> Service:
         assert cluster.strict is not None
-        port = free_port()
-        service = Service(
-            name,
-            "services.api",
-            port,
-            {
-                **cluster.api.env,
-                **cluster.strict.env(account),
-                "PORT": str(port),
-                "BROKER_PROBE_INTERVAL_S": "0.5",
-                **env,
-            },
-            cluster.work_dir,
-        )
+        settings = {**cluster.strict.env(account), "BROKER_PROBE_INTERVAL_S": "0.5", **env}
+        service = cluster.new_api(name, free_port(), **settings)
         started.append(service)
         service.start(wait_ready=wait)
         return service
