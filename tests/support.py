@@ -161,14 +161,8 @@ async def metric(url: str, name: str, *, unreachable: float | None = None) -> fl
         if unreachable is None:
             raise
         return unreachable
-    return (
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith((f"{name} ", f"{name}{{"))
-        )
-        + 0.0
-    )
+    series = [line for line in text.splitlines() if line.startswith((f"{name} ", f"{name}{{"))]
+    return sum((float(line.rsplit(" ", 1)[1]) for line in series), 0.0)
 
 
 async def wait_metric(

@@ -113,7 +113,8 @@ class SioDriver:
             return None
 
         try:
-            found = await eventually(first_match, timeout, what, wake=self._changed)
+            # Every record sets _changed: the check runs again as soon as one arrives.
+            found = await eventually(first_match, timeout, what, interval_s=0.5, wake=self._changed)
         except WaitTimeout as exc:
             raise WaitTimeout(
                 f"{exc}; last records: {self.records[-10:]}; stderr: {''.join(self.stderr[-20:])}"
