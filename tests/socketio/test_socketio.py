@@ -13,10 +13,9 @@ import httpx
 import orjson
 import pytest
 
-from devtools.cluster import AFFINITY_COOKIE, LocalCluster, wait_until
-from tests.socketio.conftest import token
+from devtools.cluster import AFFINITY_COOKIE, LocalCluster
 from tests.socketio.support import SioDriver
-from tests.support import WsClient
+from tests.support import Mint, WsClient, ensure_pods_up
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +53,7 @@ async def publish_http(api: httpx.AsyncClient, room: str, data: Any) -> str:
 
 
 async def test_rooms_span_pods_and_everyone_gets_one_order(
-    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
 ) -> None:
     """Clients on both pods (websocket, and long-polling upgraded to websocket) and a native
     websocket client on the same channel get HTTP publishes and client publishes in one order."""
@@ -106,7 +105,7 @@ async def test_rooms_span_pods_and_everyone_gets_one_order(
 
 
 async def test_long_polling_stays_on_its_pod_through_the_cookie(
-    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
 ) -> None:
     """A polling-only client (with the affinity cookie, as a browser sends it) keeps its session
     over many requests through the round-robin load balancer: receives, publishes, acks."""
@@ -162,7 +161,7 @@ async def test_unknown_sid_on_the_other_pod(sio_cluster: LocalCluster) -> None:
             assert polled.text.startswith("44{"), polled.text  # no token: CONNECT_ERROR
 
 
-async def test_auth_and_refusals(sio_cluster: LocalCluster, driver: SioDriver) -> None:
+async def test_auth_and_refusals(sio_cluster: LocalCluster, driver: SioDriver, token: Mint) -> None:
     url = lb(sio_cluster)
     ws = {"transports": ["websocket"], "reconnection": False}
     none = await driver.connect("none", url, **ws)
@@ -194,7 +193,7 @@ async def test_auth_and_refusals(sio_cluster: LocalCluster, driver: SioDriver) -
 
 
 async def test_recovery_after_sigkill(
-    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
 ) -> None:
     """Clients (websocket and long-polling) that received an event on a pod that is then
     SIGKILLed reconnect through the load balancer to the other pod: `socket.recovered` is true,
@@ -255,16 +254,4 @@ async def test_recovery_after_sigkill(
             assert await driver.wait_messages(name, side, 6) == side_ids, name
             assert [a[0]["n"] for a in driver.messages(name, room)] == list(range(8))
     finally:
-        pod.start(wait_ready=False)
-        pod.wait_ready()
-        wait_until(
-            lambda: _lb_routes_to(url, doomed_pod), 30, f"the load balancer to use {doomed_pod}"
-        )
-
-
-def _lb_routes_to(url: str, pod: str) -> bool:
-    try:
-        response = httpx.get(f"{url}/readyz", cookies={AFFINITY_COOKIE: pod}, timeout=1)
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200 and response.json().get("pod") == pod
+        ensure_pods_up(url, [pod])

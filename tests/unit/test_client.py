@@ -29,6 +29,7 @@ from services.client import (
     full_jitter,
     token_expiry,
 )
+from tests.support import eventually
 
 FAST = {"backoff_base_s": 0.02, "backoff_max_s": 0.2, "first_connect_timeout_s": 3.0}
 
@@ -39,12 +40,6 @@ def make_token(sub: str = "ada", ttl_s: float = 3600, **claims: Any) -> str:
 
     payload = {"sub": sub, "exp": time.time() + ttl_s, **claims}
     return f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(payload)}.sig"
-
-
-async def eventually(predicate: Callable[[], Any], timeout_s: float = 3.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 class FakeConnection:
@@ -509,7 +504,7 @@ async def test_close_stops_reconnecting(pod):
     rec = Recorder(client)
     await client.connect()
     await client.close()
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a quiet moment: a reconnect that must not come cannot be awaited
     assert len(pod.connections) == 1 and rec.of("reconnecting") == []
     assert client.state == "closed"
 
@@ -647,9 +642,7 @@ async def test_close_while_connecting_ends_closed():
         states: list[str] = []
         client.on("state", lambda detail: states.append(detail["state"]))
         connecting = asyncio.create_task(client.connect(timeout_s=30))
-        async with asyncio.timeout(5):
-            while client.state != "connecting":
-                await asyncio.sleep(0.01)
+        await eventually(lambda: client.state, 5, until=lambda state: state == "connecting")
         await client.close()
         connecting.cancel()
         assert client.state == "closed"
