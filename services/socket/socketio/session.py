@@ -1,7 +1,7 @@
 """The Socket.IO layer of a session: the default namespace, rooms (= channels), acks, recovery.
 
 Client events (each with an optional ack; every ack is one object with `ok`):
-- `join` (room | {room, since?}) -> {ok, room, position, recovered?}
+- `join` (room | {room, since?, rewind?}) -> {ok, room, position, recovered?, rewound?}
 - `leave` (room) -> {ok, room}
 - `publish` (room, data) -> {ok, id, room} once Pub/Sub confirmed (same envelope as the HTTP API)
 - `presence` (room) -> {ok, room, count, members?}
@@ -32,8 +32,9 @@ from services.core.closecodes import CloseCode
 from services.core.envelope import Envelope
 from services.core.ids import new_message_id
 from services.core.messages import InvalidData, encode_data
+from services.core.protocol import ProtocolError, RewindSpec, parse_rewind
 from services.socket.guards import Flood, FloodGuard, TokenExpiry
-from services.socket.history import Entry
+from services.socket.history import Entry, Rewind
 from services.socket.socketio.engine import EngineSession
 from services.socket.socketio.protocol import (
     BINARY_ACK,
@@ -421,43 +422,80 @@ class SioSession(EngineSession):
     def _on_join(self, args: list[Any], ack_id: int | None) -> None:
         target = args[0] if args else None
         since: object = None
+        rewind_value: object = None
         if isinstance(target, dict):
             since = target.get("since")
+            rewind_value = target.get("rewind")
             target = target.get("room")
         room = self._check_room(target, self.claims)
         if room not in self.rooms and (
             len(self.rooms) >= self.server.settings.max_subscriptions_per_connection
         ):
             raise Refused("limit", "too many rooms", room)
+        rewind = self._rewind_spec(rewind_value, room)
         if since is None:
-            self._join(room)
+            rewound = self._join_rewound(room, rewind)
             position = self.server.history.position(room)
-            self._ack(ack_id, {"ok": True, "room": room, "position": position})
+            body: dict[str, Any] = {"ok": True, "room": room, "position": position}
+            self._rewound(ack_id, body, room, rewound)
             if self.server.recovery:
                 self._emit_joined(room)
             return
         if not isinstance(since, str) or not 0 < len(since) <= POSITION_MAX_CHARS:
             raise Refused("bad_request", "since must be a position string", room)
         self._busy = True
-        task = asyncio.get_running_loop().create_task(self._join_since(room, since, ack_id))
+        task = asyncio.get_running_loop().create_task(self._join_since(room, since, ack_id, rewind))
         self.server.track(task)
 
-    async def _join_since(self, room: str, since: str, ack_id: int | None) -> None:
+    def _rewind_spec(self, value: object, room: str) -> RewindSpec | None:
+        """The join's `rewind`, checked as the native subscribe checks it."""
+        settings = self.server.settings
+        try:
+            rewind = parse_rewind(value, room)
+            if rewind is not None:
+                rewind.check_limits(settings.rewind_max_count, settings.rewind_max_s, room)
+        except ProtocolError as exc:
+            raise Refused(exc.code, str(exc), room) from None
+        return rewind
+
+    def _join_rewound(self, room: str, rewind: RewindSpec | None) -> Rewind | None:
+        """Joins the room; with a rewind, and not in the room yet, its recent history too
+        (taken with no await before joining the live stream)."""
+        rewound = None
+        if rewind is not None and room not in self.rooms:
+            rewound = self.server.hub.rewind(room, rewind.count, rewind.seconds)
+        self._join(room)
+        return rewound
+
+    def _rewound(
+        self, ack_id: int | None, body: dict[str, Any], room: str, rewound: Rewind | None
+    ) -> None:
+        """Acks the join, then sends the rewind's messages (before any live one)."""
+        if rewound is not None:
+            body["rewound"] = {"count": len(rewound.entries), "complete": rewound.complete}
+        self._ack(ack_id, body)
+        if rewound is not None:
+            for entry in rewound.entries:
+                self.send(self._event_packet(room, entry))
+            self.replayed()
+
+    async def _join_since(
+        self, room: str, since: str, ack_id: int | None, rewind: RewindSpec | None = None
+    ) -> None:
         try:
             recovery = await self.server.hub.recover(room, since)
             if self.open and self.connected:
                 # No await between taking the history slice and joining the live stream.
-                self._join(room)
+                # A rewind is served only when `since` cannot be: the client rebuilds from it.
+                rewound = self._join_rewound(room, None if recovery.recovered else rewind)
                 position = self.server.history.position(room)
-                self._ack(
-                    ack_id,
-                    {
-                        "ok": True,
-                        "room": room,
-                        "position": position,
-                        "recovered": recovery.recovered,
-                    },
-                )
+                body = {
+                    "ok": True,
+                    "room": room,
+                    "position": position,
+                    "recovered": recovery.recovered,
+                }
+                self._rewound(ack_id, body, room, rewound)
                 for entry in recovery.entries:
                     self.send(self._event_packet(room, entry))
                 self.replayed()
