@@ -28,7 +28,7 @@ from bench.scenarios import FULL, QUICK, Bench, LoadMeter, say
 from devtools.cluster import emulator_available
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINE_SCENARIOS = ("fanout", "recovery", "memory")
+ENGINE_SCENARIOS = ("fanout", "recovery", "memory", "rewind")
 EMULATOR_SCENARIOS = ("full_path", "publish_api", "ingest")
 ALL = ENGINE_SCENARIOS + EMULATOR_SCENARIOS
 

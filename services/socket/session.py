@@ -310,11 +310,11 @@ class Session:
         if rewound is None:
             self.send(subscribed_frame(channel, position, recovered))
             return
-        self.send(
-            subscribed_frame(channel, position, recovered, (len(rewound.entries), rewound.complete))
+        answer = subscribed_frame(
+            channel, position, recovered, (len(rewound.entries), rewound.complete)
         )
-        for entry in rewound.entries:
-            self.send_raw(entry.frame)
+        # The answer and the messages in one write (one system call), not one per message.
+        self.send_raw(b"".join([text_frame(answer), *[entry.frame for entry in rewound.entries]]))
         self._budget.replayed(self.transport.get_write_buffer_size())
 
     # -- closing -----------------------------------------------------------------------------
