@@ -159,7 +159,9 @@ def main() -> int:
     )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (dt.date.today().isoformat() + ("-quick" if args.quick else ""))
+    # A run of some scenarios only is named after them: it never replaces a whole run.
+    only = "" if wanted == set(ALL) else "".join(f"-{name}" for name in ALL if name in wanted)
+    stem = args.out / (dt.date.today().isoformat() + only + ("-quick" if args.quick else ""))
     document = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "profile": profile.name,
