@@ -34,12 +34,15 @@ class RewindSpec:
     count: int | None = None
     seconds: int | None = None
 
-    def check_limits(self, max_count: int, max_s: float, channel: str | None = None) -> None:
-        """Raises a `limit` ProtocolError when the ask is over the pod's limits."""
+    def within_limits(self, max_count: int, max_s: float, channel: str | None = None) -> RewindSpec:
+        """What to serve: a `limit` ProtocolError when the ask is over the pod's limits; else
+        the ask, with `count` at most `max_count` (`seconds` alone: the last `max_count` of
+        them), so no rewind sends more than that."""
         if self.count is not None and self.count > max_count:
             raise ProtocolError("limit", f"rewind count over {max_count}", channel)
         if self.seconds is not None and self.seconds > max_s:
             raise ProtocolError("limit", f"rewind seconds over {max_s:g}", channel)
+        return self if self.count is not None else RewindSpec(max_count, self.seconds)
 
 
 REWIND_KEYS = frozenset({"count", "seconds"})

@@ -242,19 +242,22 @@ class Session:
         ):
             self.send_error(ProtocolError("limit", "too many subscriptions", channel))
             return
-        if frame.rewind is not None:
+        rewind = frame.rewind
+        if rewind is not None:
             settings = self._pod.settings
             try:
-                frame.rewind.check_limits(settings.rewind_max_count, settings.rewind_max_s, channel)
+                rewind = rewind.within_limits(
+                    settings.rewind_max_count, settings.rewind_max_s, channel
+                )
             except ProtocolError as exc:
                 self.send_error(exc)
                 return
         if frame.since is None:
-            self._attach(channel, None, frame.presence, frame.rewind)
+            self._attach(channel, None, frame.presence, rewind)
             return
         self._busy = True
         task = asyncio.get_running_loop().create_task(
-            self._subscribe_since(channel, frame.since, frame.presence, frame.rewind)
+            self._subscribe_since(channel, frame.since, frame.presence, rewind)
         )
         self._pod.track(task)
 

@@ -229,6 +229,12 @@ async def test_a_pod_whose_history_starts_inside_the_window_says_incomplete(
     assert frame["rewound"] == {"count": 5, "complete": True}
     assert [f["id"] for f in await filled.messages(5)] == [*before, *after]
 
+    more = await published_and_held(api, [cold], channel, 4)  # the cold pod holds 6 now
+    capped = await WsClient.connect(cold.ws_url)
+    frame = await capped.subscribe(channel, rewind={"seconds": 30})  # REWIND_MAX_COUNT=5 here
+    assert frame["rewound"] == {"count": 5, "complete": True}  # the last 5 of the 30 s
+    assert [f["id"] for f in await capped.messages(5)] == [*after[1:], *more]
+
 
 async def test_the_python_client_hands_the_rewind_to_its_handler_before_live(cluster, api, channel):
     pod = cluster.sockets[1]

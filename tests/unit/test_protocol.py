@@ -106,11 +106,18 @@ def test_a_bad_rewind_names_the_channel():
 )
 def test_rewind_limits_are_a_limit_error(spec, limited):
     if not limited:
-        spec.check_limits(100, 60.0, "c")
+        served = spec.within_limits(100, 60.0, "c")
+        assert served.seconds == spec.seconds
+        assert served.count == (spec.count if spec.count is not None else 100)
         return
     with pytest.raises(ProtocolError) as info:
-        spec.check_limits(100, 60.0, "c")
+        spec.within_limits(100, 60.0, "c")
     assert info.value.code == "limit" and info.value.channel == "c"
+
+
+def test_seconds_alone_are_served_as_the_last_max_count_of_them():
+    assert RewindSpec(seconds=30).within_limits(100, 60.0) == RewindSpec(100, 30)
+    assert RewindSpec(count=7).within_limits(100, 60.0) == RewindSpec(7)
 
 
 def test_message_frame_carries_the_contract_fields():

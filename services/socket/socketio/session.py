@@ -453,7 +453,9 @@ class SioSession(EngineSession):
         try:
             rewind = parse_rewind(value, room)
             if rewind is not None:
-                rewind.check_limits(settings.rewind_max_count, settings.rewind_max_s, room)
+                rewind = rewind.within_limits(
+                    settings.rewind_max_count, settings.rewind_max_s, room
+                )
         except ProtocolError as exc:
             raise Refused(exc.code, str(exc), room) from None
         return rewind
