@@ -437,7 +437,7 @@ class SioSession(EngineSession):
             rewound = self._join_rewound(room, rewind)
             position = self.server.history.position(room)
             body: dict[str, Any] = {"ok": True, "room": room, "position": position}
-            self._rewound(ack_id, body, room, rewound)
+            self._ack_join(ack_id, body, room, rewound)
             if self.server.recovery:
                 self._emit_joined(room)
             return
@@ -469,7 +469,7 @@ class SioSession(EngineSession):
         self._join(room)
         return rewound
 
-    def _rewound(
+    def _ack_join(
         self, ack_id: int | None, body: dict[str, Any], room: str, rewound: Rewind | None
     ) -> None:
         """Acks the join, then sends the rewind's messages (before any live one)."""
@@ -497,7 +497,7 @@ class SioSession(EngineSession):
                     "position": position,
                     "recovered": recovery.recovered,
                 }
-                self._rewound(ack_id, body, room, rewound)
+                self._ack_join(ack_id, body, room, rewound)
                 for entry in recovery.entries:
                     self.send(self._event_packet(room, entry))
                 self.replayed()
