@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from services.core.ids import id_time_ms
 from services.socket.delivery import NATIVE, Framing, Subscriber
-from services.socket.history import NOT_RECOVERED, Entry, History, Recovery
+from services.socket.history import NOT_RECOVERED, Entry, History, Recovery, Rewind
 from services.socket.metrics import SocketMetrics
 from services.socket.presence import Presence, PresenceEvent
 
@@ -164,6 +164,14 @@ class Hub:
             "recovered" if recovery.recovered else "not_recovered"
         ).inc()
         return recovery
+
+    def rewind(self, channel: str, count: int | None, seconds: int | None) -> Rewind:
+        """The channel's recent history a subscribe asked for (History.rewind), counted.
+        The caller must attach the session with no `await` after this returns."""
+        rewind = self.history.rewind(channel, count, seconds)
+        self._metrics.rewinds.labels("complete" if rewind.complete else "incomplete").inc()
+        self._metrics.rewound_messages.inc(len(rewind.entries))
+        return rewind
 
     def _worth_waiting(self, since: str) -> bool:
         created_ms = id_time_ms(since)

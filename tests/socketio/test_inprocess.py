@@ -364,3 +364,84 @@ async def test_a_join_position_leaves_the_offsets_after_twice_the_slack(
         until=lambda offset: f"~{room}~" in offset,
     )
     assert f"{room}/" not in driver.last_offset("c").split("~", 1)[1]
+
+
+# -- join with a rewind ----------------------------------------------------------------------
+
+
+async def test_join_with_a_rewind_sends_the_last_messages_before_live_ones(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    ids = [await publish(pod, room, n) for n in range(4)]
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    ack = await driver.emit("c", "join", {"room": room, "rewind": {"count": 3}})
+    assert ack == {
+        "ok": True, "room": room, "position": ids[-1], "rewound": {"count": 3, "complete": True}
+    }  # fmt: skip
+    assert await driver.wait_messages("c", room, 3) == ids[1:]
+    assert [args[0] for args in driver.messages("c", room)] == [1, 2, 3]
+    live = await publish(pod, room, 4)
+    assert await driver.wait_messages("c", room, 4) == [*ids[1:], live]
+    # The rewound events came before the join's anchor event, and it before the live one.
+    kinds = [
+        r["event"] if r["event"] != "message" else r["args"][1]["id"]
+        for r in driver.of("c", "event")
+    ]
+    assert kinds == [*ids[1:], "pubsock:joined", live]
+    again = await driver.emit("c", "join", {"room": room, "rewind": {"count": 3}})
+    assert "rewound" not in again  # in the room already: once
+    seconds = await driver.emit("c", "join", {"room": f"{room}-b", "rewind": {"seconds": 60}})
+    assert seconds["rewound"] == {"count": 0, "complete": False}  # the pod is seconds old
+    await asyncio.sleep(0.3)
+    assert driver.message_ids("c", room) == [*ids[1:], live]
+
+
+async def test_join_with_since_and_a_rewind(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    """`since` wins when it recovers; when it cannot, the rewind is served."""
+    ids = [await publish(pod, room, n) for n in range(4)]
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    ack = await driver.emit("c", "join", {"room": room, "since": ids[2], "rewind": {"count": 3}})
+    assert ack["recovered"] is True and "rewound" not in ack
+    assert await driver.wait_messages("c", room, 1) == ids[3:]
+    await driver.connect("d", url(pod), transports=["websocket"], auth={"token": token()})
+    ack = await driver.emit("d", "join", {"room": room, "since": "gone", "rewind": {"count": 2}})
+    assert ack["recovered"] is False and ack["rewound"] == {"count": 2, "complete": True}
+    assert await driver.wait_messages("d", room, 2) == ids[2:]
+    await asyncio.sleep(0.3)
+    assert driver.message_ids("c", room) == ids[3:]
+
+
+async def test_bad_or_oversized_rewinds_are_refused_in_the_ack(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    for rewind, code in (
+        ({"count": 0}, "bad_request"),
+        ({"count": 2, "at": 1}, "bad_request"),
+        ("50", "bad_request"),
+        ({"count": 101}, "limit"),
+        ({"seconds": 3601}, "limit"),
+    ):
+        ack = await driver.emit("c", "join", {"room": room, "rewind": rewind})
+        assert (ack["ok"], ack["code"], ack["room"]) == (False, code, room), rewind
+    assert (await driver.emit("c", "presence", room))["count"] == 0  # nothing was joined
+
+
+async def test_a_client_dropped_after_a_rewind_recovers_without_duplicates(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    """The rewound events carry offsets like any other: recovery resumes after them."""
+    ids = [await publish(pod, room, n) for n in range(3)]
+    await driver.connect(
+        "c", url(pod), transports=["websocket"], auth={"token": token()}, **RECONNECT
+    )
+    await driver.emit("c", "join", {"room": room, "rewind": {"count": 5}})
+    assert await driver.wait_messages("c", room, 3) == ids
+    since = len(driver.records)
+    await driver.drop("c")
+    missed = await publish(pod, room, 3)
+    assert (await driver.reconnected("c", since))["recovered"] is True
+    live = await publish(pod, room, 4)
+    assert await driver.wait_messages("c", room, 5) == [*ids, missed, live]

@@ -192,6 +192,29 @@ async def test_auth_and_refusals(sio_cluster: LocalCluster, driver: SioDriver, t
     assert presence["ok"] and presence["count"] >= 0
 
 
+async def test_join_with_a_rewind_on_every_pod(
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
+) -> None:
+    """A client joining a room on either pod gets its last messages (from that pod's history,
+    warm-started: complete), in the order native clients see, then live ones."""
+    url = lb(sio_cluster)
+    ws = {"transports": ["websocket"], "auth": {"token": token()}, "reconnection": False}
+    watchers = await connect_on_each_pod(driver, url, "watch", 2, **ws)
+    for name in watchers.values():
+        assert (await driver.emit(name, "join", room))["ok"]
+    ids = [await publish_http(api, room, n) for n in range(5)]
+    for name in watchers.values():  # both pods hold them now
+        assert await driver.wait_messages(name, room, 5) == ids
+    joiners = await connect_on_each_pod(driver, url, "join", 2, **ws)
+    for name in joiners.values():
+        ack = await driver.emit(name, "join", {"room": room, "rewind": {"count": 3}})
+        assert ack["rewound"] == {"count": 3, "complete": True}, ack
+        assert await driver.wait_messages(name, room, 3) == ids[2:]
+    live = await publish_http(api, room, "live")
+    for name in joiners.values():
+        assert await driver.wait_messages(name, room, 4) == [*ids[2:], live]
+
+
 async def test_recovery_after_sigkill(
     sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
 ) -> None:
