@@ -374,7 +374,7 @@ async def test_every_kind_gets_its_framing_built_once_per_message(parts: Parts) 
         sio_send(session, peer, b"40" + orjson.dumps({"token": token(), "rooms": ["room:1"]}))
         sio_packets(session, transport, peer)
     assert native.framing is NATIVE
-    assert sios[0][0].framing == sios[1][0].framing != polling[0].framing
+    assert sios[0][0].framing is sios[1][0].framing is not polling[0].framing
     before = [len(t.data) for _, t, _ in sios]
     parts.publish("room:1", {"n": 1})
     native_frame = frames_json(native_peer.received())
