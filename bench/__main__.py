@@ -29,7 +29,7 @@ from bench.scenarios import FULL, QUICK, Bench, LoadMeter, say
 from devtools.cluster import emulator_available
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINE_SCENARIOS = ("fanout", "recovery", "memory", "sse")
+ENGINE_SCENARIOS = ("fanout", "recovery", "memory", "rewind", "sse")
 EMULATOR_SCENARIOS = ("full_path", "publish_api", "ingest")
 ALL = ENGINE_SCENARIOS + EMULATOR_SCENARIOS
 
@@ -160,9 +160,9 @@ def main() -> int:
     )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    # A run of some scenarios only never overwrites the day's full run.
-    partial = "" if wanted == set(ALL) else "-" + "-".join(n for n in ALL if n in wanted)
-    stem = args.out / (dt.date.today().isoformat() + partial + ("-quick" if args.quick else ""))
+    # A run of some scenarios only is named after them: it never replaces a whole run.
+    only = "" if wanted == set(ALL) else "".join(f"-{name}" for name in ALL if name in wanted)
+    stem = args.out / (dt.date.today().isoformat() + only + ("-quick" if args.quick else ""))
     document = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "profile": profile.name,

@@ -5,8 +5,9 @@ What it measures is the pod's own fan-out engine: envelope decode, history, fram
 writes to every session, with no Pub/Sub in the way. The generator publishes envelopes exactly
 as the api does (Envelope.encode, ordering key = channel, attribute `channel`).
 
-Commands (one JSON line each, see bench.control): `run {rate, duration_s}`, `burst {count}`,
-`stats`, `exit`.
+Commands (one JSON line each, see bench.control): `run {rate, duration_s}`, `burst {count,
+channel?}` (another channel: its own sequence from 0, e.g. the history a rewind reads), `stats`,
+`exit`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvloop
@@ -44,15 +46,18 @@ async def main(args: argparse.Namespace) -> None:
     channel = args.channel
     last_id = ""
 
-    async def emit(seq: int, scheduled_s: float) -> None:
-        nonlocal last_id
-        envelope = Envelope(
-            new_message_id(), channel, message_data(seq, scheduled_s), int(time.time() * 1000)
-        )
-        last_id = envelope.id
-        await broker.publish(OutgoingMessage(envelope.encode(), channel, envelope.attributes()))
+    def emitter(target: str) -> Callable[[int, float], Awaitable[None]]:
+        async def emit(seq: int, scheduled_s: float) -> None:
+            nonlocal last_id
+            envelope = Envelope(
+                new_message_id(), target, message_data(seq, scheduled_s), int(time.time() * 1000)
+            )
+            last_id = envelope.id
+            await broker.publish(OutgoingMessage(envelope.encode(), target, envelope.attributes()))
 
-    generator = PacedGenerator(emit)
+        return emit
+
+    generator = PacedGenerator(emitter(channel))
     monitor = LoopLagMonitor()
     monitor.start()
 
@@ -75,15 +80,17 @@ async def main(args: argparse.Namespace) -> None:
             result = await generator.run(float(command["rate"]), float(command["duration_s"]))
             return {**result, **monitor.take()}
         if name == "burst":
-            result = await generator.run(BURST_RATE, int(command["count"]) / BURST_RATE)
+            target = command.get("channel", channel)
+            source = generator if target == channel else PacedGenerator(emitter(target))
+            result = await source.run(BURST_RATE, int(command["count"]) / BURST_RATE)
             for _ in range(1000):  # the pump hands it to history on one of its next turns
-                if pod.history.contains(channel, last_id):
+                if pod.history.contains(target, last_id):
                     break
                 await asyncio.sleep(0.01)
             return {
                 **result,
                 "last_id": last_id,
-                "in_history": pod.history.contains(channel, last_id),
+                "in_history": pod.history.contains(target, last_id),
             }
         if name == "stats":
             return stats()

@@ -17,7 +17,9 @@ Every connection checks every message it gets:
   of every pod saw the same sequence, and that it respects the publishers' acknowledgements.
 
 Commands: `connect {count, concurrency}`, `reset`, `count`, `snapshot`, `orders`,
-`disconnect`, `reconnect {expect}`, `close`, `exit`.
+`disconnect`, `reconnect {expect}`, `rewind {channel, count}` (every open connection subscribes
+to another channel with `"rewind": {"count": count}` and waits for its messages), `close`,
+`exit`.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class Fleet:
         self.closes: dict[int, int] = {}
         self.recovered_true = 0
         self.recovered_false = 0
+        self.rewound = 0  # messages announced by `rewound` answers
+        self.rewound_incomplete = 0  # answers with `rewound.complete` false
         self.reference_order: dict[str, list[int]] = {}  # per channel, what connection 0 saw
         self.pending_recovery = 0
         self.recovery_done: asyncio.Event | None = None
@@ -307,6 +311,10 @@ class Client(asyncio.Protocol):
         fleet = self.fleet
         kind = frame["type"]
         if kind == "subscribed":
+            rewound = frame.get("rewound")
+            if rewound is not None:
+                fleet.rewound += rewound["count"]
+                fleet.rewound_incomplete += not rewound["complete"]
             recovered = frame.get("recovered")
             if recovered is True:
                 fleet.recovered_true += 1
@@ -385,6 +393,7 @@ async def main(args: argparse.Namespace) -> None:
         fleet.frames = fleet.gaps = fleet.backwards = fleet.errors = 0
         fleet.closes = {}
         fleet.recovered_true = fleet.recovered_false = 0
+        fleet.rewound = fleet.rewound_incomplete = 0
         fleet.reference_order = {}
         for client in fleet.clients:
             client.count = 0
@@ -447,6 +456,45 @@ async def main(args: argparse.Namespace) -> None:
                 "complete": complete,
                 "recovered_true": fleet.recovered_true,
                 "recovered_false": fleet.recovered_false,
+                **step_stats(),
+            }
+        if name == "rewind":
+            # Every open connection subscribes to another channel with a rewind, at once; done
+            # when each has that many messages (their seq from 0, in order, once).
+            count = int(command["count"])
+            frame = client_frame(
+                0x1,
+                orjson.dumps(
+                    {"type": "subscribe", "channel": command["channel"], "rewind": {"count": count}}
+                ),
+            )
+            reset()
+            live = [client for client in fleet.clients if client.open]
+            fleet.pending_recovery = len(live)
+            fleet.recovery_done = asyncio.Event()
+            started = time.time()
+            saved = [client.last_seq for client in live]  # of the live channel: back after
+            for client in live:
+                client.recovering = True
+                client.expect = count
+                client.last_seq = -1
+                client.transport.write(frame)  # type: ignore[union-attr]
+            if live:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fleet.recovery_done.wait(), float(command["timeout_s"]))
+            else:
+                fleet.recovery_finished_at = time.time()
+            complete = sum(1 for c in live if not c.recovering and c.count == count)
+            for client, last_seq in zip(live, saved, strict=True):
+                client.recovering = False
+                client.last_seq = last_seq
+            return {
+                "started": started,
+                "finished": fleet.recovery_finished_at,
+                "clients": len(live),
+                "complete": complete,
+                "rewound": fleet.rewound,
+                "rewound_incomplete": fleet.rewound_incomplete,
                 **step_stats(),
             }
         if name == "close":

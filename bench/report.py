@@ -240,6 +240,31 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 " ms",
             )
         )
+    rew = results.get("rewind")
+    if rew and "steps" in rew:
+        out.append(
+            _row(
+                "7 rewind",
+                f"pod CPU-us per message: rewind {rew['count']} on subscribe vs live at "
+                f"{rew['live_rate_msg_s']:g} msg/s ({rew['clients']:,} clients)",
+                rew["rewind_cpu_us"],
+                rew["live_cpu_us"],
+                rew.get("live_ratio"),
+                None,
+                " us",
+            )
+        )
+        out.append(
+            _row(
+                "",
+                "the same vs live as a burst (the pump's batches: one write per client)",
+                rew["rewind_cpu_us"],
+                rew["burst_cpu_us"],
+                rew.get("burst_ratio"),
+                None,
+                " us",
+            )
+        )
     sse = results.get("sse")
     if sse and "kinds" in sse:
         kinds = sse["kinds"]
@@ -249,13 +274,13 @@ def rows(results: dict[str, Any]) -> list[Row]:
         ):
             out.append(
                 _row(
-                    f"7 SSE vs websocket ({sse['clients']} clients)" if index == 0 else "",
-                    f"pod CPU-µs per delivery, SSE {label}",
+                    f"8 SSE vs websocket ({sse['clients']} clients)" if index == 0 else "",
+                    f"pod CPU-us per delivery, SSE {label}",
                     kinds[kind]["cpu_us"],
                     native["cpu_us"],
                     kinds[kind].get("ratio"),
                     None,
-                    " µs",
+                    " us",
                     "baseline: native websockets, same run",
                 )
             )
@@ -328,6 +353,21 @@ def correctness(results: dict[str, Any]) -> list[str]:
                 f"{r['recovered_true']}, false {r['recovered_false']}, {r['frames']:,} replayed "
                 f"frames, gaps {r['gaps']}, reordered/duplicated {r['reordered_or_duplicated']}"
             )
+    rew = results.get("rewind")
+    if rew and "steps" in rew:
+        rewinds = rew["steps"]["rewind"]
+        lives = rew["steps"]["live"] + rew["steps"]["burst"]
+        lines.append(
+            f"rewind: {sum(r['rewinds'] for r in rewinds):,} rewinds, "
+            f"{sum(r['delivered'] for r in rewinds):,} of {sum(r['expected'] for r in rewinds):,} "
+            f"messages delivered, gaps {sum(r['gaps'] for r in rewinds)}, reordered/duplicated "
+            f"{sum(r['reordered_or_duplicated'] for r in rewinds)}, incomplete "
+            f"{sum(r['rewound_incomplete'] for r in rewinds)}, errors "
+            f"{sum(r['errors'] for r in rewinds)}; live {sum(s['delivered'] for s in lives):,} "
+            f"deliveries, lost {sum(s['lost'] for s in lives)}, gaps "
+            f"{sum(s['gaps'] for s in lives)}, reordered/duplicated "
+            f"{sum(s['reordered_or_duplicated'] for s in lives)}"
+        )
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value:
             lines.append(f"{name}: FAILED: {value['error'].splitlines()[0][:200]} (see the JSON)")

@@ -1,4 +1,4 @@
-"""The six scenarios. Each starts what it measures, measures pubsock and its baseline side by
+"""The seven scenarios. Each starts what it measures, measures pubsock and its baseline side by
 side (interleaved where it runs in steps, so a change in the machine's load hits both), stops
 everything it started, and returns plain data for the report."""
 
@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import httpx
 import psutil
 
 from bench.control import Child, ChildError, call_all
+from bench.generator import BURST_RATE
 from bench.stats import CpuMeter, merge, rss_bytes
 from devtools.cluster import (
     PROJECT,
@@ -58,6 +60,13 @@ class Profile:
     memory_connections: int
     recovery_clients: int
     recovery_missed: int = 100
+    # 7. rewind: each step delivers `rewind_rounds` rewinds of `rewind_count` to every client,
+    # beside the same number of messages live at `rewind_live_rate` and as a burst.
+    rewind_clients: int = 1000
+    rewind_count: int = 50
+    rewind_rounds: int = 4
+    rewind_live_rate: float = 100.0
+    rewind_repeats: int = 4
     latency_limit_ms: float = 250.0
     api_channels: int = 8
     # The emulator hands out one ordering key's messages at ~50-70/s at most: spread the ingest
@@ -66,7 +75,7 @@ class Profile:
     ingest_batch_latency_s: float = 0.05
     wrk_connections: int = 16
     client_tick_ms: float = 2.0
-    # 7. SSE against native websockets (bench.socketio_bench): clients per kind, messages, rate.
+    # 8. SSE against native websockets (bench.socketio_bench): clients per kind, messages, rate.
     sse_clients: int = 500
     sse_messages: int = 1500
     sse_rate: float = 100.0
@@ -113,6 +122,8 @@ QUICK = Profile(
     memory_connections=2000,
     recovery_clients=1000,
     settle_s=0.5,
+    rewind_rounds=2,
+    rewind_repeats=2,
     sse_clients=200,
     sse_messages=300,
     sse_rounds=1,
@@ -614,7 +625,111 @@ def recovery(bench: Bench) -> dict[str, Any]:
     return results
 
 
-# -- 7. Server-Sent Events against native websockets ------------------------------------------
+# -- 7. rewind ---------------------------------------------------------------------------------
+def rewind_step(
+    server: Child, loadgens: list[Child], profile: Profile, step: int
+) -> dict[str, Any]:
+    """Every client subscribes to a channel holding `rewind_count` messages with a rewind of
+    them, `rewind_rounds` times (new channels); the pod's CPU over all of it."""
+    history_s = 0.0
+    server_s = client_s = 0.0
+    replies: list[dict[str, Any]] = []
+    wall_s = 0.0
+    for round_ in range(profile.rewind_rounds):
+        channel = f"rewind-{step}-{round_}"
+        filled = time.monotonic()
+        burst = server.call({"cmd": "burst", "count": profile.rewind_count, "channel": channel})
+        if not burst["in_history"]:
+            raise RuntimeError(f"the pod did not take {channel}'s messages into its history")
+        history_s += time.monotonic() - filled
+        server_cpu = CpuMeter([server.pid]).start()
+        client_cpu = CpuMeter([c.pid for c in loadgens]).start()
+        started = time.monotonic()
+        replies += call_all(
+            loadgens,
+            {"cmd": "rewind", "channel": channel, "count": profile.rewind_count, "timeout_s": 60},
+            90,
+        )
+        wall_s += time.monotonic() - started
+        server_s += server_cpu.stop()
+        client_s += client_cpu.stop()
+    clients = sum(r["clients"] for r in replies)
+    frames = sum(r["frames"] for r in replies)
+    expected = clients * profile.rewind_count
+    return {
+        "rewinds": clients,
+        "count": profile.rewind_count,
+        "delivered": frames,
+        "expected": expected,
+        "lost": max(0, expected - frames),
+        "gaps": sum(r["gaps"] for r in replies),
+        "reordered_or_duplicated": sum(r["backwards"] for r in replies),
+        "complete": sum(r["complete"] for r in replies),
+        "rewound_announced": sum(r["rewound"] for r in replies),
+        "rewound_incomplete": sum(r["rewound_incomplete"] for r in replies),
+        "errors": sum(r["errors"] for r in replies),
+        "wall_s": wall_s,
+        "server_cpu_s": server_s,
+        "client_cpu_s": client_s,
+        "server_cpu_us_per_delivery": server_s / frames * 1e6 if frames else None,
+        "deliveries_per_cpu_s": frames / server_s if server_s else None,
+        "ok": (
+            frames == expected
+            and sum(r["gaps"] + r["backwards"] + r["errors"] for r in replies) == 0
+            and sum(r["complete"] for r in replies) == clients
+            and sum(r["rewound"] for r in replies) == expected
+        ),
+    }
+
+
+def rewind(bench: Bench) -> dict[str, Any]:
+    """A rewind's cost per delivered message next to live delivery of as many messages of the
+    same size to the same clients, on one pod, interleaved (rewind, live, burst; then rotated)."""
+    profile = bench.profile
+    total = profile.rewind_count * profile.rewind_rounds  # messages per client per step
+    steps: dict[str, list[dict[str, Any]]] = {"rewind": [], "live": [], "burst": []}
+    with contextlib.ExitStack() as stack:
+        server = bench.child("rewind-pubsock", "bench.engine_pod", cpus=SERVER_CPU, stack=stack)
+        loadgens = bench.loadgens(
+            stack, "rewind", server.hello["port"], profile.rewind_clients, 2, cpus=CLIENT_CPU
+        )
+        kinds = list(steps)
+        for step in range(profile.rewind_repeats):
+            for kind in kinds[step % 3 :] + kinds[: step % 3]:
+                if kind == "rewind":
+                    result = rewind_step(server, loadgens, profile, step)
+                else:
+                    rate = profile.rewind_live_rate if kind == "live" else BURST_RATE
+                    result = fanout_step(
+                        server, loadgens, rate, total / rate, profile.latency_limit_ms
+                    )
+                steps[kind].append(result)
+                say(
+                    f"rewind {kind:6s}: {result['delivered']:,} deliveries, "
+                    f"{result['server_cpu_us_per_delivery'] or float('nan'):.2f} server CPU-us "
+                    "each"
+                )
+
+    def median_cost(kind: str) -> float | None:
+        costs = [s["server_cpu_us_per_delivery"] for s in steps[kind]]
+        values = [c for c in costs if c is not None]
+        return statistics.median(values) if values else None
+
+    rewind_us, live_us, burst_us = (median_cost(k) for k in ("rewind", "live", "burst"))
+    return {
+        "clients": profile.rewind_clients,
+        "count": profile.rewind_count,
+        "live_rate_msg_s": profile.rewind_live_rate,
+        "steps": steps,
+        "rewind_cpu_us": rewind_us,
+        "live_cpu_us": live_us,
+        "burst_cpu_us": burst_us,
+        "live_ratio": ratio(rewind_us, live_us),
+        "burst_ratio": ratio(rewind_us, burst_us),
+    }
+
+
+# -- 8. Server-Sent Events against native websockets ------------------------------------------
 SSE_KINDS = ["native", "sse", "sse-10ch"]
 
 

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 
 from devtools.lifetime import die_with_parent
+from devtools.waiting import Interrupted, WaitTimeout, never, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "local-project"
@@ -44,33 +44,6 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex((host, port)) == 0
-
-
-class Interrupted(Exception):
-    """A wait gave up because a stop was requested meanwhile (`abort` returned True)."""
-
-
-def never() -> bool:
-    return False
-
-
-def wait_until(
-    predicate: Callable[[], object],
-    timeout_s: float,
-    what: str,
-    interval_s: float = 0.05,
-    abort: Callable[[], bool] = never,
-) -> None:
-    """Polls `predicate` until it is true; raises TimeoutError naming `what` at the deadline,
-    or Interrupted as soon as `abort()` is true."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if abort():
-            raise Interrupted(f"stopped while waiting for {what}")
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def http_status(url: str) -> int | None:
@@ -368,7 +341,7 @@ class Service:
                 abort=abort,
             )
         except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.process.log_tail()}") from None
+            raise WaitTimeout(f"{exc}\n{self.process.log_tail()}") from None
         if not self.process.running:
             raise RuntimeError(f"{self.name} exited:\n{self.process.log_tail()}")
 
@@ -559,6 +532,12 @@ class LocalCluster:
             )
             if config.with_lb
             else None
+        )
+
+    def new_api(self, name: str, port: int, **env: str) -> Service:
+        """Another api on the same emulator, with settings of its own."""
+        return Service(
+            name, "services.api", port, {**self.api.env, "PORT": str(port), **env}, self.work_dir
         )
 
     def new_socket(self, name: str, port: int, **env: str) -> Service:

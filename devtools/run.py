@@ -22,7 +22,6 @@ from devtools.cluster import (
     TOPIC,
     TOPIC_RETENTION_S,
     ClusterConfig,
-    Interrupted,
     LocalCluster,
     emulator_available,
     port_open,
@@ -35,6 +34,7 @@ from devtools.demo import (
     describe_credentials,
 )
 from devtools.lifetime import StopSignals, die_with_parent
+from devtools.waiting import Interrupted
 
 __all__ = ["DEMO_ENV", "DEMO_KEY", "main"]
 

@@ -20,7 +20,8 @@
 //   #presence-count (presence-count)    connections in the room (all pods), "–" until known
 //   #presence-members (presence-members) one <li data-sub="name"> per member
 //   #events (event-log)                 newest first; each <li data-event="..."> with one of
-//       state, pod, transport, reconnecting, recovered, gap, subscribed, refreshed, join, leave, error
+//       state, pod, transport, reconnecting, recovered, gap, subscribed, rewound, refreshed,
+//       join, leave, error
 //   window.pubsockDemo                  { client, channel, name } for scripted tests
 //
 // `?transport=sse` (or `websocket`) in the page's URL is passed to the client (default: auto,
@@ -37,6 +38,8 @@ const PRESENCE_POLL_MS = 15000;
 const TRANSPORT = new URLSearchParams(location.search).get("transport") ?? "auto";
 const EVENT_LOG_MAX = 200;
 const MESSAGES_MAX = 500;
+// Someone who joins sees the room's last messages (from the pod's history), then live ones.
+const REWIND_COUNT = 50;
 
 const state = {
   client: null,
@@ -219,8 +222,13 @@ function wire(client) {
   client.on("reconnecting", ({ code, delay }) => {
     logEvent("reconnecting", `connection closed (${code}); reconnecting in ${(delay / 1000).toFixed(1)} s`);
   });
-  client.on("subscribed", ({ channel, position }) => {
+  client.on("subscribed", ({ channel, position, rewound }) => {
     logEvent("subscribed", `subscribed to ${channel} at ${position}`);
+    if (rewound) {
+      const what = rewound.count === 1 ? "1 earlier message" : `${rewound.count} earlier messages`;
+      const whole = rewound.complete ? "" : " (this pod's history may not reach back further)";
+      logEvent("rewound", `${what} of the room${whole}`);
+    }
     state.members.add(state.name);
     renderPresence();
     presenceSoon();
@@ -284,7 +292,7 @@ async function join(event) {
     renderPresence();
     $("room-title").textContent = `Room ${room}`;
     $("me").textContent = name;
-    client.subscribe(state.channel, onMessage, { presence: true }).catch((e) => {
+    client.subscribe(state.channel, onMessage, { presence: true, rewind: { count: REWIND_COUNT } }).catch((e) => {
       logEvent("error", `cannot subscribe: ${e.message}`);
     });
     client.connect();

@@ -20,6 +20,17 @@ export interface SubscribedFrame {
   position: Position;
   /** Present when the subscribe carried `since`. */
   recovered?: boolean;
+  /** Present when a rewind was served: `count` messages follow this frame, before live ones;
+   * `complete`: they are provably every message of the asked window. */
+  rewound?: { count: number; complete: boolean };
+}
+
+/** Recent history on subscribe: the last `count` messages, those of the last `seconds`, or the
+ * last `count` within `seconds` (positive integers, at most the server's REWIND_MAX_COUNT and
+ * REWIND_MAX_S). */
+export interface Rewind {
+  count?: number;
+  seconds?: number;
 }
 
 export interface PresenceFrame {
@@ -142,6 +153,9 @@ export interface SubscribeOptions {
   since?: Position | null;
   /** Receive join/leave events for this channel. */
   presence?: boolean;
+  /** Hand the handler the channel's recent messages first; asked again on every resubscribe,
+   * served only where `since` does not recover (the first subscribe, after a gap). */
+  rewind?: Rewind | null;
 }
 
 export interface PublishOptions {

@@ -16,6 +16,11 @@
 // and replays what was missed, or `recovered: false`, which this client reports as a `gap` event
 // (the application reloads its state: nothing is ever silently missing).
 //
+// `subscribe(channel, handler, { rewind: { count: 50 } })` also hands the handler the channel's
+// recent messages from the pod's history first (`count` and/or `seconds`). The rewind goes with
+// every resubscribe; the server serves it on the first and after a gap (the handler then gets
+// only what it had not seen), never when `since` recovers.
+//
 // Reconnect policy by close code:
 //   1012 (server restarting, or the connection reached its maximum age): reconnect at once, once;
 //        a second 1012 before the new connection was stable backs off like any other close.
@@ -343,7 +348,7 @@ export class PubsockClient extends EventTarget {
    * Resolves with the `subscribed` frame; rejects when the server refuses the subscription
    * (then it is dropped). Resumes after every reconnect with `since`.
    */
-  subscribe(channel, handler, { since = null, presence = false } = {}) {
+  subscribe(channel, handler, { since = null, presence = false, rewind = null } = {}) {
     if (typeof handler !== "function") throw new TypeError("subscribe: handler must be a function");
     let entry = this._channels.get(channel);
     const resend = !entry || entry.presence !== presence || (since !== null && since !== entry.position);
@@ -365,6 +370,8 @@ export class PubsockClient extends EventTarget {
       entry.presence = presence;
       if (since !== null) entry.position = since;
     }
+    // For the next (re)subscribe; a subscription already running keeps what it has.
+    entry.rewind = rewind ? { ...rewind } : null;
     if (!resend && entry.active) {
       return Promise.resolve({ type: "subscribed", channel, position: entry.position });
     }
@@ -373,7 +380,7 @@ export class PubsockClient extends EventTarget {
     );
     if (resend && this._isOpen()) {
       this._sendSubscribe(entry);
-      if (entry.sentSince) this._send({ type: "ping" }); // its pong marks the end of the replay
+      if (entry.sentSince || entry.rewind) this._send({ type: "ping" }); // its pong ends the replay
     } else if (resend) {
       this._streamChanged();
     }
@@ -955,6 +962,7 @@ export class PubsockClient extends EventTarget {
     const frame = { type: "subscribe", channel: entry.channel };
     if (entry.position) frame.since = entry.position;
     if (entry.presence) frame.presence = true;
+    if (entry.rewind) frame.rewind = entry.rewind;
     entry.sentSince = entry.position ?? null;
     entry.active = false;
     entry.pendingPosition = null;
@@ -1043,15 +1051,21 @@ export class PubsockClient extends EventTarget {
     }
     entry.quiet = false;
     const since = entry.sentSince;
+    // A rewind's messages follow: like a replay, the frame's position is adopted only once they
+    // are in (a message, or the next pong), so a connection lost before asks for them again.
+    const rewinding = Boolean(frame.rewound?.count);
     if (frame.recovered === false) {
       // This pod cannot prove nothing was missed: start over from where it stands now.
-      entry.position = frame.position ?? entry.position;
+      if (rewinding) entry.pendingPosition = frame.position ?? null;
+      else entry.position = frame.position ?? entry.position;
       this._emit("gap", { channel: frame.channel, since, position: frame.position });
     } else if (frame.recovered === true) {
       // The replay follows this frame; keep `since` until a message (or the pong that follows
       // the replay) proves where we are, so a disconnect mid-replay never skips anything.
       entry.pendingPosition = frame.position ?? null;
       this._emit("recovered", { channel: frame.channel, since, position: frame.position });
+    } else if (rewinding) {
+      entry.pendingPosition = frame.position ?? null;
     } else if (frame.position) {
       entry.position = frame.position; // no `since`: nothing is replayed
     }

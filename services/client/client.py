@@ -8,6 +8,9 @@ The same recovery logic as the browser client (web/pubsock.js):
   1012 before the new connection was stable backs off); 1013, network errors and refused
   handshakes back off; 1008, 401 and 403 fetch a new token first;
 - `recovered: false` is reported as a `gap` (reload state), `recovered: true` as `recovered`;
+- a subscription with a `rewind` (the channel's last messages, from the pod's history) sends it
+  on every (re)subscribe: the server serves it on the first, and after a `gap` (then the handler
+  gets the messages it had not seen yet), never when `since` recovers;
 - a handler never sees a message id twice per channel (a bounded set of recent ids), and sees
   messages in the order the server sends them: one connection at a time, handlers awaited in turn;
 - a token is refreshed (`refresh` frame) some margin before its `exp`.
@@ -141,6 +144,7 @@ class _Subscription:
     handler: Handler
     presence: bool
     position: str | None
+    rewind: dict[str, int] | None = None
     sent_since: str | None = None
     pending_position: str | None = None
     active: bool = False
@@ -361,9 +365,15 @@ class PubsockClient:
         *,
         since: str | None = None,
         presence: bool = False,
+        rewind: Mapping[str, int] | None = None,
         timeout_s: float | None = 10.0,
     ) -> Frame:
         """Subscribes `handler(message_frame)` (replacing an earlier handler of the channel).
+
+        `rewind` (`{"count": N}` and/or `{"seconds": T}`): the handler first gets the channel's
+        recent messages from the pod's history, then live ones; the frame's `rewound` says how
+        many and whether they are `complete`. It is asked again with every resubscribe, and
+        served only where `since` cannot recover (after a `gap`).
 
         Returns the `subscribed` frame. Raises PubsockError when the server refuses (the
         subscription is then dropped), TimeoutError when no answer came in `timeout` (the
@@ -380,13 +390,15 @@ class PubsockClient:
             sub.presence = presence
             if since is not None:
                 sub.position = since
+        # For the next (re)subscribe; a subscription already running keeps what it has.
+        sub.rewind = dict(rewind) if rewind is not None else None
         if not resend and sub.active:
             return {"type": "subscribed", "channel": channel, "position": sub.position}
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         sub.waiters.append(future)
         if resend and self._is_open():
             await self._send_subscribe(sub)
-            if sub.sent_since:
+            if sub.sent_since or sub.rewind:
                 await self._send({"type": "ping"})  # its pong marks the end of the replay
         try:
             async with asyncio.timeout(timeout_s):
@@ -749,6 +761,8 @@ class PubsockClient:
             frame["since"] = sub.position
         if sub.presence:
             frame["presence"] = True
+        if sub.rewind:
+            frame["rewind"] = sub.rewind
         sub.sent_since = sub.position
         sub.active = False
         sub.pending_position = None
@@ -817,13 +831,22 @@ class PubsockClient:
             "position": frame.get("position"),
         }
         recovered = frame.get("recovered")
+        rewound = frame.get("rewound")
+        # A rewind's messages follow: like a replay, the frame's position is adopted only once
+        # they are in (a message or the next pong), so a connection lost before asks again.
+        rewinding = isinstance(rewound, dict) and bool(rewound.get("count"))
         if recovered is False:
-            sub.position = frame.get("position") or sub.position
+            if rewinding:
+                sub.pending_position = frame.get("position")
+            else:
+                sub.position = frame.get("position") or sub.position
             self._emit("gap", detail)
         elif recovered is True:
             # The replay follows; keep `since` until a message or the next pong proves where we are.
             sub.pending_position = frame.get("position")
             self._emit("recovered", detail)
+        elif rewinding:
+            sub.pending_position = frame.get("position")
         elif frame.get("position"):
             sub.position = frame["position"]
         self._emit("subscribed", frame)

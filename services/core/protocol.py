@@ -27,10 +27,50 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class RewindSpec:
+    """A subscribe's ask for recent history: the last `count` messages, those of the last
+    `seconds`, or with both the last `count` within `seconds`."""
+
+    count: int | None = None
+    seconds: int | None = None
+
+    def within_limits(self, max_count: int, max_s: float, channel: str | None = None) -> RewindSpec:
+        """What to serve: a `limit` ProtocolError when the ask is over the pod's limits; else
+        the ask, with `count` at most `max_count` (`seconds` alone: the last `max_count` of
+        them), so no rewind sends more than that."""
+        if self.count is not None and self.count > max_count:
+            raise ProtocolError("limit", f"rewind count over {max_count}", channel)
+        if self.seconds is not None and self.seconds > max_s:
+            raise ProtocolError("limit", f"rewind seconds over {max_s:g}", channel)
+        return self if self.count is not None else RewindSpec(max_count, self.seconds)
+
+
+REWIND_KEYS = frozenset({"count", "seconds"})
+
+
+def parse_rewind(value: object, channel: str | None = None) -> RewindSpec | None:
+    """`{"count"?: N, "seconds"?: T}` (positive integers, at least one) or None when absent;
+    anything else is a `bad_request` ProtocolError."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value or not REWIND_KEYS.issuperset(value):
+        raise ProtocolError(
+            "bad_request", "rewind must be an object with count and/or seconds", channel
+        )
+    bounds: dict[str, int] = {}
+    for key, bound in value.items():
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound <= 0:
+            raise ProtocolError("bad_request", f"rewind {key} must be a positive integer", channel)
+        bounds[key] = bound
+    return RewindSpec(bounds.get("count"), bounds.get("seconds"))
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     channel: str
     since: str | None = None
     presence: bool = False
+    rewind: RewindSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +125,7 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
         presence = frame.get("presence", False)
         if not isinstance(presence, bool):
             raise ProtocolError("bad_request", "presence must be true or false", channel)
-        return Subscribe(channel, since, presence)
+        return Subscribe(channel, since, presence, parse_rewind(frame.get("rewind"), channel))
     if kind == "unsubscribe":
         return Unsubscribe(_channel(frame))
     if kind == "ping":
@@ -133,10 +173,18 @@ def message_frame(envelope: Envelope) -> bytes:
     return message_frame_parts(envelope).payload
 
 
-def subscribed_frame(channel: str, position: str, recovered: bool | None) -> bytes:
+def subscribed_frame(
+    channel: str,
+    position: str,
+    recovered: bool | None,
+    rewound: tuple[int, bool] | None = None,
+) -> bytes:
+    """`rewound`: (messages that follow, complete) when a rewind is served."""
     frame: dict[str, Any] = {"type": "subscribed", "channel": channel, "position": position}
     if recovered is not None:
         frame["recovered"] = recovered
+    if rewound is not None:
+        frame["rewound"] = {"count": rewound[0], "complete": rewound[1]}
     return orjson.dumps(frame)
 
 

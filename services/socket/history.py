@@ -9,6 +9,9 @@ Recovery must never leave a silent gap. The history knows three things that make
 - while a warm start's backlog (a seek's replay) is still arriving, `backlog_until_ms`: a channel
   is complete from the seek point only once a message of it published after the opening arrived
   (Pub/Sub keeps each channel's order, so its backlog is over); until then from the opening.
+
+The same knowledge answers a rewind (the last N messages, or those of the last T seconds) with
+an honest `complete` flag: whether these are all of the window's messages.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ class Recovery(NamedTuple):
 
 
 NOT_RECOVERED = Recovery(False, [])
+
+
+class Rewind(NamedTuple):
+    """The newest messages of a window, oldest first; `complete`: provably all of them."""
+
+    entries: list[Entry]
+    complete: bool
 
 
 def parse_position_ms(position: str) -> int | None:
@@ -185,6 +195,19 @@ class History:
             complete = max(complete, self.backlog_until_ms)
         return complete
 
+    def _anchors(self, channel: str, entry: Entry) -> bool:
+        """Whether this pod provably holds every message of the channel after `entry`."""
+        if entry.seq < self.break_seq or entry.publish_ms < self.complete_from_ms:
+            # Before the break, or older than what the pod can prove it holds (the emulator
+            # replays a retained backlog to a new subscription; the real service does not).
+            return False
+        # More of the channel's backlog may still be on its way.
+        return not (
+            self.backlog_until_ms is not None
+            and entry.publish_ms < self.backlog_until_ms
+            and self._in_backlog(channel)
+        )
+
     def recover(self, channel: str, since: str) -> Recovery | None:
         """Everything after `since`, or NOT_RECOVERED; None for an id not seen (yet)."""
         position_ms = parse_position_ms(since)
@@ -208,16 +231,8 @@ class History:
         if found is None:
             return None
         entry = found
-        if entry.seq < self.break_seq or entry.publish_ms < self.complete_from_ms:
-            # Before the break, or older than what the pod can prove it holds (the emulator
-            # replays a retained backlog to a new subscription; the real service does not).
+        if not self._anchors(channel, entry):
             return NOT_RECOVERED
-        if (
-            self.backlog_until_ms is not None
-            and entry.publish_ms < self.backlog_until_ms
-            and self._in_backlog(channel)
-        ):
-            return NOT_RECOVERED  # more of the channel's backlog may still be on its way
         assert history is not None
         if entry is history.entries[-1]:
             return Recovery(True, [])
@@ -228,6 +243,37 @@ class History:
             tail.append(later)
         tail.reverse()
         return Recovery(True, tail)
+
+    def rewind(self, channel: str, count: int | None, seconds: float | None) -> Rewind:
+        """The last `count` messages published in the last `seconds` (either bound may be
+        absent: no count is no bound on the number; no seconds is the whole history window).
+
+        `complete` when these are provably every message of that window:
+        - the window's start is covered: this pod holds every message of the channel published
+          after it (the rule of an `@<ms>` position: not before the stream started or last
+          broke, not evicted, not in a backlog still arriving); or
+        - `count` messages were found and the pod can prove it holds everything after the
+          oldest of them (the rule of a `since` id: it arrived on the unbroken stream, after the
+          point the pod is complete from, and the channel's warm-start backlog is over).
+        Otherwise what is held is returned, and messages of the window may be missing before
+        or among these. Either way nothing after them is missing: they end at the newest
+        message this pod has, and what comes later arrives live.
+        """
+        window_ms = self.age_ms if seconds is None else int(seconds * 1000)
+        floor = self._clock_ms() - window_ms
+        history = self._channels.get(channel)
+        entries: list[Entry] = []
+        if history is not None:
+            limit = len(history.entries) if count is None else count
+            for entry in reversed(history.entries):
+                if len(entries) >= limit or entry.publish_ms <= floor:
+                    break
+                entries.append(entry)
+            entries.reverse()
+        complete = floor >= self._complete_after_ms(channel) or (
+            count is not None and 0 < count == len(entries) and self._anchors(channel, entries[0])
+        )
+        return Rewind(entries, complete)
 
     @property
     def channel_count(self) -> int:

@@ -18,6 +18,7 @@ import h11
 import orjson
 
 HEAD_MAX_BYTES = 16 * 1024
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 HEADERS_MAX = 100
 
 
@@ -181,7 +182,7 @@ def response(
     keep_alive: bool = True,
     head_only: bool = False,
 ) -> bytes:
-    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+    reason = _REASONS.get(status, "")
     lines = [
         f"HTTP/1.1 {status} {reason}",
         f"Content-Type: {content_type}",

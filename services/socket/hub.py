@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from services.core.ids import id_time_ms
 from services.socket.delivery import NATIVE, Framing, Subscriber
-from services.socket.history import NOT_RECOVERED, Entry, History, Recovery
+from services.socket.history import NOT_RECOVERED, Entry, History, Recovery, Rewind
 from services.socket.metrics import SocketMetrics
 from services.socket.presence import Presence, PresenceEvent
 
@@ -53,17 +53,13 @@ class Hub:
         built: dict[Framing, bytes] | None = None  # other framings', once each
         if self._batching:
             pending = self._pending
+            built = {}
             for session in sessions:
                 framing = session.framing
                 if framing is NATIVE:
                     frame = native_frame
                 else:
-                    if built is None:
-                        built = {}
-                    cached = built.get(framing)
-                    if cached is None:
-                        cached = built[framing] = framing.frame(channel, entry)
-                    frame = cached
+                    frame = _framed(framing, channel, entry, built)
                 frames = pending.get(session)
                 if frames is None:
                     pending[session] = [frame]
@@ -73,15 +69,12 @@ class Hub:
         slow: list[Subscriber] | None = None
         for session in sessions:
             framing = session.framing
-            if framing is NATIVE:
+            if framing is NATIVE:  # inline: the common case costs one identity check
                 delivered = session.deliver(native_frame)
             else:
                 if built is None:
                     built = {}
-                cached = built.get(framing)
-                if cached is None:
-                    cached = built[framing] = framing.frame(channel, entry)
-                delivered = session.deliver(cached)
+                delivered = session.deliver(_framed(framing, channel, entry, built))
             if not delivered:
                 if slow is None:
                     slow = []
@@ -172,6 +165,14 @@ class Hub:
         ).inc()
         return recovery
 
+    def rewind(self, channel: str, count: int | None, seconds: int | None) -> Rewind:
+        """The channel's recent history a subscribe asked for (History.rewind), counted.
+        The caller must attach the session with no `await` after this returns."""
+        rewind = self.history.rewind(channel, count, seconds)
+        self._metrics.rewinds.labels("complete" if rewind.complete else "incomplete").inc()
+        self._metrics.rewound_messages.inc(len(rewind.entries))
+        return rewind
+
     def _worth_waiting(self, since: str) -> bool:
         created_ms = id_time_ms(since)
         if created_ms is None or self._recovery_wait_s <= 0:
@@ -204,3 +205,13 @@ class Hub:
     def session_count(self, channel: str) -> int:
         sessions = self._channels.get(channel)
         return len(sessions) if sessions else 0
+
+
+def _framed(framing: Framing, channel: str, entry: Entry, built: dict[Framing, bytes]) -> bytes:
+    """The message as `framing` writes it, built once per message for each distinct framing."""
+    if framing is NATIVE:
+        return entry.frame
+    frame = built.get(framing)
+    if frame is None:
+        frame = built[framing] = framing.frame(channel, entry)
+    return frame

@@ -39,6 +39,15 @@ class SocketMetrics:
         self.recoveries = Counter(
             "pubsock_recoveries_total", "Subscribes with `since`, by result", ["result"], registry=r
         )
+        self.rewinds = Counter(
+            "pubsock_rewinds_total",
+            "Rewinds served (recent history on subscribe), by whether the window was complete",
+            ["result"],
+            registry=r,
+        )
+        self.rewound_messages = Counter(
+            "pubsock_rewound_messages_total", "Messages sent by rewinds", registry=r
+        )
         self.stream_breaks = Counter(
             "pubsock_stream_breaks_total",
             "Times the subscription stream ended and was reopened",

@@ -29,6 +29,7 @@ from services.core.protocol import (
     PresenceQuery,
     ProtocolError,
     Refresh,
+    RewindSpec,
     Subscribe,
     Unsubscribe,
     error_frame,
@@ -68,6 +69,8 @@ class SessionLimits:
     close_timeout_s: float
     ping_interval_s: float
     ping_timeout_s: float
+    rewind_max_count: int
+    rewind_max_s: float
 
     @classmethod
     def from_settings(cls, settings: SocketSettings) -> SessionLimits:
@@ -270,18 +273,31 @@ class Session:
         ):
             self.send_error(ProtocolError("limit", "too many subscriptions", channel))
             return
+        rewind = frame.rewind
+        if rewind is not None:
+            limits = self._parts.limits
+            try:
+                rewind = rewind.within_limits(limits.rewind_max_count, limits.rewind_max_s, channel)
+            except ProtocolError as exc:
+                self.send_error(exc)
+                return
         if frame.since is None:
-            self._attach(channel, None, frame.presence)
+            self._attach(channel, None, frame.presence, rewind)
             return
         self._busy = True
-        self._parts.spawn(self._subscribe_since(channel, frame.since, frame.presence))
+        self._parts.spawn(self._subscribe_since(channel, frame.since, frame.presence, rewind))
 
-    async def _subscribe_since(self, channel: str, since: str, presence: bool) -> None:
+    async def _subscribe_since(
+        self, channel: str, since: str, presence: bool, rewind: RewindSpec | None = None
+    ) -> None:
         try:
             recovery = await self._parts.hub.recover(channel, since)
             if self.open:
                 # No await between taking the history slice and joining the live stream.
-                self._attach(channel, recovery.recovered, presence)
+                # A rewind is served only when `since` cannot be: the client rebuilds from it.
+                self._attach(
+                    channel, recovery.recovered, presence, None if recovery.recovered else rewind
+                )
                 for entry in recovery.entries:
                     self.send_raw(entry.frame)
                 self.wire.replayed()
@@ -297,18 +313,38 @@ class Session:
         if self.open:
             self.transport.write(frame)
 
-    def _attach(self, channel: str, recovered: bool | None, presence: bool) -> None:
+    def _attach(
+        self,
+        channel: str,
+        recovered: bool | None,
+        presence: bool,
+        rewind: RewindSpec | None = None,
+    ) -> None:
         """Joins the live stream. The session's own join is not sent to itself: it listens for
-        presence events only from after it joined."""
+        presence events only from after it joined. A rewind's messages follow the answer, before
+        any live one (no await between the history slice and joining); only for a channel the
+        connection is not in yet, which already got them."""
         hub = self._parts.hub
+        rewound = None
         if channel not in self.channels:  # a repeated subscribe keeps its place
+            if rewind is not None:
+                rewound = hub.rewind(channel, rewind.count, rewind.seconds)
             hub.add(channel, self)
             self.channels.add(channel)
         if presence:
             self.presence_channels.add(channel)
         else:
             self.presence_channels.discard(channel)
-        self.send(subscribed_frame(channel, hub.history.position(channel), recovered))
+        position = hub.history.position(channel)
+        if rewound is None:
+            self.send(subscribed_frame(channel, position, recovered))
+            return
+        answer = subscribed_frame(
+            channel, position, recovered, (len(rewound.entries), rewound.complete)
+        )
+        # The answer and the messages in one write (one system call), not one per message.
+        self.send_raw(b"".join([text_frame(answer), *[entry.frame for entry in rewound.entries]]))
+        self.wire.replayed()
 
     # -- closing -----------------------------------------------------------------------------
     def close(self, code: CloseCode, reason: str = "") -> None:

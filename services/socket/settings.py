@@ -21,6 +21,10 @@ class SocketSettings(CommonSettings):
     position_slack_ms: int = Field(2000, ge=0)
     # How long a subscribe waits for a `since` id that this pod has not received yet.
     recovery_wait_s: float = Field(2.0, ge=0)
+    # The most a rewind (recent history on subscribe) may ask: messages, and seconds (0 = the
+    # history window, HISTORY_AGE_S; more than that is refused at start: nothing older is kept).
+    rewind_max_count: int = Field(100, ge=1)
+    rewind_max_s: float = Field(0.0, ge=0)
     send_buffer_max_bytes: int = Field(1024 * 1024, ge=1024)
     max_frame_bytes: int = Field(65536 + 4096, ge=256)
     max_subscriptions_per_connection: int = Field(100, ge=1)
@@ -79,6 +83,14 @@ class SocketSettings(CommonSettings):
             raise ValueError("SOCKETIO_EVENT must not be a reserved socket.io or pubsock: event")
         if self.socketio_path in ("/ws/", "/v1/", "/sse/"):
             raise ValueError("SOCKETIO_PATH must not shadow /ws, /sse or /v1")
+        return self
+
+    @model_validator(mode="after")
+    def _rewind_within_history(self) -> SocketSettings:
+        if self.rewind_max_s == 0:
+            self.rewind_max_s = self.history_age_s
+        elif self.rewind_max_s > self.history_age_s:
+            raise ValueError("REWIND_MAX_S must not exceed HISTORY_AGE_S (nothing older is kept)")
         return self
 
     @model_validator(mode="after")

@@ -9,44 +9,23 @@ marks its own event loop as running, which the async tests elsewhere must never 
 
 from __future__ import annotations
 
-import itertools
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from playwright.sync_api import Browser
 
-from devtools.cluster import LocalCluster, emulator_available
+from devtools.cluster import LocalCluster
+from tests.e2e.support import CHROMIUM, DemoPage, Publisher, chromium
+from tests.support import emulator_missing, ensure_pods_up, make_run_cluster, require, unique_name
 
 pytestmark = pytest.mark.integration
 
-
-def _missing() -> str | None:
-    from tests.e2e.support import CHROMIUM
-
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing (scripts/system-deps.sh installs Debian's chromium)"
-    if not emulator_available():
-        return "the Pub/Sub emulator is not installed"
-    return None
-
-
-_reason = _missing()
-if _reason:
-    if os.environ.get("CI"):
-        raise RuntimeError(f"the browser tests cannot run in CI: {_reason}")
-    pytest.skip(_reason, allow_module_level=True)
-
-from playwright.sync_api import Browser  # noqa: E402
-
-from tests.e2e.support import (  # noqa: E402
-    DemoPage,
-    Publisher,
-    chromium,
-    ensure_pods_up,
-    make_run_cluster,
+require(
+    f"{CHROMIUM} is missing (scripts/system-deps.sh installs Debian's chromium)"
+    if not CHROMIUM.exists()
+    else emulator_missing(),
+    "the browser tests",
 )
-
-_rooms = itertools.count(1)
 
 
 @pytest.fixture(scope="package")
@@ -84,8 +63,8 @@ def publisher(lb_url: str) -> Iterator[Publisher]:
 
 @pytest.fixture
 def room(request: pytest.FixtureRequest) -> str:
-    """A room (channel demo:<room>) no other test uses."""
-    return f"{request.node.name[:40]}-{next(_rooms)}-{os.getpid()}"
+    """A room of the demo page (its channel is demo:<room>) no other test uses."""
+    return unique_name(request.node.name)
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from tests.e2e.support import (
     DemoPage,
     Publisher,
     chromium,
-    make_run_cluster,
     open_on_two_pods,
 )
+from tests.support import make_run_cluster
 
 OUTPUT = ROOT / "docs" / "demo.png"
 

@@ -1,4 +1,5 @@
-"""Browser-test helpers: Debian's Chromium under Playwright, a `make run` cluster, the demo page.
+"""Browser-test helpers: Debian's Chromium under Playwright, the demo page, extra pods behind an
+extra load balancer (the `make run` cluster itself and the waits are tests/support.py's).
 
 Shared by conftest.py and screenshot.py. Playwright's sync API only: pytest-asyncio's session loop
 must never see a Playwright instance alive (it marks its own loop as running between calls).
@@ -16,15 +17,7 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import Browser, BrowserContext, Page, WebSocket, expect, sync_playwright
 
-from devtools.cluster import (
-    AFFINITY_COOKIE,
-    ClusterConfig,
-    LoadBalancer,
-    LocalCluster,
-    Service,
-    free_port,
-    wait_until,
-)
+from devtools.cluster import AFFINITY_COOKIE, LoadBalancer, LocalCluster, Service, free_port
 from devtools.run import DEMO_ENV
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,21 +42,6 @@ PRESENCE_MS = 10_000
 FAILOVER_MS = 25_000
 
 
-def make_run_cluster(**socket_env: str) -> LocalCluster:
-    """What `make run` starts (emulator, topic with retention, api, two socket pods, HAProxy with
-    the affinity cookie) with make run's demo credentials, on free ports."""
-    return LocalCluster(
-        ClusterConfig(
-            api_port=free_port(),
-            socket_ports=(free_port(), free_port()),
-            lb_port=free_port(),
-            emulator_port=free_port(),
-            extra_env=dict(DEMO_ENV),
-            socket_env=dict(socket_env),
-        )
-    )
-
-
 @contextlib.contextmanager
 def chromium() -> Iterator[Browser]:
     with sync_playwright() as playwright:
@@ -72,38 +50,6 @@ def chromium() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
-
-
-# -- the load balancer and its pods ---------------------------------------------------------
-
-
-def lb_routes_cookie_to(lb_url: str, pod: str) -> bool:
-    """True when the load balancer sends a client with the affinity cookie `pod` to that pod
-    (it is up in HAProxy's health checks, not only ready on its own port)."""
-    try:
-        response = httpx.get(
-            f"{lb_url}/config.json", headers={"Cookie": f"{AFFINITY_COOKIE}={pod}"}, timeout=2
-        )
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200 and response.headers.get("x-pubsock-pod") == pod
-
-
-def ensure_pods_up(lb_url: str, pods: list[Service], timeout_s: float = 60) -> None:
-    """Restarts (same port, same name) every pod a test killed or drained, and waits until the
-    load balancer routes to each of them again."""
-    for pod in pods:
-        if not pod.process.running:
-            pod.process.wait(20)
-            pod.start(wait_ready=False)
-    for pod in pods:
-        pod.wait_ready(timeout_s)
-        name = pod.env["POD_NAME"]
-        wait_until(
-            lambda name=name: lb_routes_cookie_to(lb_url, name),
-            timeout_s,
-            f"the load balancer to route to {name}",
-        )
 
 
 @dataclass

@@ -77,3 +77,27 @@ def test_presence_shows_both_names_on_both_pages(pods_up, open_page, room):
     expect(ada.page.locator("#presence-count")).to_have_text("1", timeout=PRESENCE_MS)
     expect(ada.event("leave").filter(has_text="Grace left")).to_have_count(1)
     expect(ada_saw_grace).to_have_count(1)
+
+
+def test_someone_who_joins_a_room_sees_its_last_50_messages(pods_up, open_page, room, publisher):
+    """The demo joins with a rewind of 50: a newcomer on either pod sees the room's last 50
+    messages in order, then live ones, each once."""
+    ada, grace = open_on_two_pods(open_page)  # already there: they see everything live
+    ada.join("Ada", room)
+    grace.join("Grace", room)
+    ids = [publisher.publish(ada.channel, f"message {n}") for n in range(55)]
+    for page in (ada, grace):  # both pods hold all 55 now
+        expect(page.message(ids[-1])).to_have_count(1, timeout=DELIVERY_MS)
+        assert page.message_ids() == ids
+    ann, bob = open_on_two_pods(open_page)
+    for page, name in ((ann, "Ann"), (bob, "Bob")):
+        page.join(name, room)
+        expect(page.message_items).to_have_count(50, timeout=DELIVERY_MS)
+        assert page.message_ids() == ids[5:]
+        assert [m["text"] for m in page.messages()][:2] == ["message 5", "message 6"]
+        assert page.event_texts("rewound") == ["50 earlier messages of the room"]
+    assert ann.pod() != bob.pod()
+    live = publisher.publish(ada.channel, "live")
+    for page in (ann, bob):
+        expect(page.message(live)).to_have_count(1, timeout=DELIVERY_MS)
+        assert page.message_ids() == [*ids[5:], live]

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import expect
 
-from devtools.cluster import LoadBalancer, LocalCluster, free_port, wait_until
-from tests.e2e.support import FAILOVER_MS, DemoPage, lb_routes_cookie_to
+from devtools.cluster import LoadBalancer, LocalCluster, free_port
+from tests.e2e.support import FAILOVER_MS, DemoPage
+from tests.support import lb_routes_cookie_to, wait_until
 
 STREAM_MS = 15_000
 

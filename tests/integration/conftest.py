@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
-import os
+import functools
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
-from devtools.cluster import ClusterConfig, LocalCluster, Service, emulator_available, free_port
+from devtools.cluster import LocalCluster, Service, free_port
+from tests.support import cluster_on_free_ports, emulator_missing, mint, require
 
 pytestmark = pytest.mark.integration
 
-if not emulator_available():
-    if os.environ.get("CI"):
-        raise RuntimeError("the Pub/Sub emulator is required in CI (gcloud pubsub-emulator)")
-    pytest.skip("the Pub/Sub emulator is not installed", allow_module_level=True)
+require(emulator_missing(), "tests/integration")
 
 TEST_SOCKET_ENV = {
     "SEND_BUFFER_MAX_BYTES": "65536",
@@ -27,26 +24,10 @@ TEST_SOCKET_ENV = {
 }
 TEST_API_ENV = {"PUBLISH_TIMEOUT_S": "5"}
 
-_channels = itertools.count(1)
-
-
-@pytest.fixture
-def channel(request: pytest.FixtureRequest) -> str:
-    """A channel name no other test uses."""
-    return f"test:{request.node.name[:60]}-{next(_channels)}".replace("[", "_").replace("]", "_")
-
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    config = ClusterConfig(
-        api_port=free_port(),
-        socket_ports=(free_port(), free_port()),
-        lb_port=free_port(),
-        emulator_port=free_port(),
-        socket_env=TEST_SOCKET_ENV,
-        api_env=TEST_API_ENV,
-    )
-    with LocalCluster(config) as running:
+    with cluster_on_free_ports(socket_env=TEST_SOCKET_ENV, api_env=TEST_API_ENV) as running:
         yield running
 
 
@@ -56,7 +37,6 @@ async def api(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-SECRET = "test-secret-please-change-0123456789abcdef"
 KEYS = ("key-main", "key-rate", "key-mint")
 ORIGIN = "https://good.example"
 
@@ -64,40 +44,26 @@ ORIGIN = "https://good.example"
 class Secure:
     """An api and a socket pod with keys, tokens, demo tokens and small limits (same emulator)."""
 
-    def __init__(self, api: Service, socket: Service) -> None:
+    def __init__(self, api: Service, socket: Service, secret: str) -> None:
         self.api = api
         self.socket = socket
-
-    def token(self, sub: str = "ann", channels=("room:*",), publish=(), ttl_s: int = 600) -> str:
-        from services.core.auth import mint_token
-
-        return mint_token(SECRET, sub, list(channels), list(publish), ttl_s)[0]
+        self.token = functools.partial(mint, secret=secret)
 
     def ws_url(self, token: str | None) -> str:
         return self.socket.ws_url + (f"?token={token}" if token else "")
 
 
 @pytest.fixture(scope="module")
-def secure(cluster: LocalCluster) -> Iterator[Secure]:
+def secure(cluster: LocalCluster, token_secret: str) -> Iterator[Secure]:
     common = {
         "API_KEYS": ",".join(KEYS),
-        "TOKEN_SECRET": SECRET,
+        "TOKEN_SECRET": token_secret,
         "ALLOWED_ORIGINS": ORIGIN,
         "TOKEN_TTL_MAX_S": "3600",
     }
     api_port, socket_port = free_port(), free_port()
-    api = Service(
-        "api-secure",
-        "services.api",
-        api_port,
-        {
-            **cluster.api.env,
-            **common,
-            "PORT": str(api_port),
-            "PUBLISH_RATE_PER_S": "20",
-            "PUBLISH_BURST": "40",
-        },
-        cluster.work_dir,
+    api = cluster.new_api(
+        "api-secure", api_port, **common, PUBLISH_RATE_PER_S="20", PUBLISH_BURST="40"
     )
     socket = cluster.new_socket(
         "socket-secure",
@@ -114,7 +80,7 @@ def secure(cluster: LocalCluster) -> Iterator[Secure]:
     socket.start()
     api.wait_ready()
     try:
-        yield Secure(api, socket)
+        yield Secure(api, socket, token_secret)
     finally:
         api.process.stop()
         socket.process.stop()

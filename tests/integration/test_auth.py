@@ -9,8 +9,8 @@ import jwt
 import pytest
 import websockets
 
-from tests.integration.conftest import SECRET, Secure
-from tests.support import WsClient
+from tests.integration.conftest import Secure
+from tests.support import TOKEN_SECRET, WsClient
 
 KEY = {"Authorization": "Bearer key-main"}
 
@@ -89,12 +89,12 @@ def bad_token(kind: str) -> str:
         "exp": int(time.time()) + 600,
     }
     if kind == "expired":
-        return jwt.encode({**claims, "exp": int(time.time()) - 5}, SECRET, algorithm="HS256")
+        return jwt.encode({**claims, "exp": int(time.time()) - 5}, TOKEN_SECRET, algorithm="HS256")
     if kind == "foreign":
         return jwt.encode(claims, "another-secret-of-at-least-32-bytes!", algorithm="HS256")
     if kind == "no_exp":
         return jwt.encode(
-            {k: v for k, v in claims.items() if k != "exp"}, SECRET, algorithm="HS256"
+            {k: v for k, v in claims.items() if k != "exp"}, TOKEN_SECRET, algorithm="HS256"
         )
     if kind == "alg_none":
         return jwt.encode(claims, None, algorithm="none")
@@ -108,7 +108,7 @@ async def test_minting_tokens(secure, sapi):
     )
     assert response.status_code == 200
     minted = response.json()
-    claims = jwt.decode(minted["token"], SECRET, algorithms=["HS256"])
+    claims = jwt.decode(minted["token"], TOKEN_SECRET, algorithms=["HS256"])
     assert claims["sub"] == "user-1" and claims["publish"] == ["room:1"]
     assert claims["exp"] == minted["expires_at"] and minted["expires_at"] - time.time() <= 61
     token_auth = {"Authorization": f"Bearer {minted['token']}"}
@@ -238,7 +238,7 @@ async def test_refresh_extends_and_narrows_the_connection(secure, sapi):
     unsubscribed = await client.next("unsubscribed")
     assert unsubscribed["channel"] == "room:2"
     refreshed = await client.next("refreshed")
-    assert refreshed["expires_at"] == jwt.decode(fresh, SECRET, algorithms=["HS256"])["exp"]
+    assert refreshed["expires_at"] == jwt.decode(fresh, TOKEN_SECRET, algorithms=["HS256"])["exp"]
     for token in (secure.token("mallory"), bad_token("foreign")):
         await client.send({"type": "refresh", "token": token})
         assert (await client.next("error"))["code"] == "forbidden"
@@ -253,7 +253,7 @@ async def test_demo_tokens(secure):
         response = await http.post("/demo/token", json={"name": "Ada L"})
         assert response.status_code == 200
         token = response.json()["token"]
-        claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+        claims = jwt.decode(token, TOKEN_SECRET, algorithms=["HS256"])
         assert claims["sub"] == "Ada L" and claims["channels"] == ["demo:*"]
         assert claims["publish"] == ["demo:*"] and claims["exp"] - time.time() <= 61
         for body in ({"name": ""}, {"name": "x" * 41}, {"name": "<script>"}, {}, [1]):

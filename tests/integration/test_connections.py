@@ -11,8 +11,8 @@ import httpx
 import orjson
 import websockets
 
-from devtools.cluster import LoadBalancer, LocalCluster, Service, free_port, wait_until
-from tests.support import WsClient
+from devtools.cluster import LoadBalancer, LocalCluster, Service, free_port, port_open
+from tests.support import WsClient, metric, wait_metric
 
 
 def read_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -32,15 +32,6 @@ def read_frames(data: bytes) -> list[tuple[int, bytes]]:
         frames.append((opcode, data[offset : offset + length]))
         offset += length
     return frames
-
-
-async def metric(url: str, name: str) -> float:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{url}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def test_slow_consumer_is_closed_with_1013_and_never_slows_others(cluster, api, channel):
@@ -73,12 +64,7 @@ async def test_slow_consumer_is_closed_with_1013_and_never_slows_others(cluster,
         ids.extend(response.json()["ids"])
     received = [f["id"] for f in await fast.messages(len(ids), timeout=60)]
     assert received == ids
-    await asyncio.to_thread(
-        wait_until,
-        lambda: asyncio.run(metric(pod.url, "pubsock_slow_consumer_closes_total")) > closes_before,
-        30,
-        "the slow consumer to be closed",
-    )
+    await wait_metric(pod.url, "pubsock_slow_consumer_closes_total", lambda n: n > closes_before)
     raw.settimeout(10)
     data = bytearray()
     while True:
@@ -164,13 +150,7 @@ async def test_sigterm_drains_with_1012_deletes_the_subscription_and_exits(clust
     exit_code = await asyncio.to_thread(pod.process.wait, 30)
     assert exit_code == 0, pod.process.log_tail()
     assert mine[0] not in await list_subscriptions(cluster)
-    assert not await asyncio.to_thread(port_open_retry, pod.port)
-
-
-def port_open_retry(port: int) -> bool:
-    from devtools.cluster import port_open
-
-    return port_open(port)
+    assert not await asyncio.to_thread(port_open, pod.port)
 
 
 async def list_subscriptions(cluster: LocalCluster) -> list[str]:
@@ -181,21 +161,15 @@ async def list_subscriptions(cluster: LocalCluster) -> list[str]:
     return [s["name"] for s in response.json().get("subscriptions", [])]
 
 
-async def test_api_answers_503_with_retry_after_when_pubsub_is_unreachable(cluster, tmp_path):
+async def test_api_answers_503_with_retry_after_when_pubsub_is_unreachable(cluster):
     """No Pub/Sub: a bounded-time 503 with Retry-After and the id to retry with; never a hang."""
     dead, port = free_port(), free_port()
-    api = Service(
+    api = cluster.new_api(
         "api-no-broker",
-        "services.api",
         port,
-        {
-            **cluster.api.env,
-            "PORT": str(port),
-            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{dead}",
-            "PUBLISH_TIMEOUT_S": "2",
-            "BROKER_PROBE_INTERVAL_S": "0.5",
-        },
-        tmp_path,
+        PUBSUB_EMULATOR_HOST=f"127.0.0.1:{dead}",
+        PUBLISH_TIMEOUT_S="2",
+        BROKER_PROBE_INTERVAL_S="0.5",
     )
     api.start()
     try:

@@ -12,9 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devtools.cluster import ClusterConfig, LocalCluster, free_port
+from devtools.cluster import LocalCluster, free_port
 from tests.integration.conftest import TEST_API_ENV, TEST_SOCKET_ENV
-from tests.support import CLOSED, WsClient
+from tests.support import (
+    CLOSED,
+    WsClient,
+    cluster_on_free_ports,
+    eventually,
+    metric,
+    wait_metric,
+)
 
 REPORT = Path(os.environ.get("PUBSOCK_FAULT_REPORT", "/tmp/pubsock-fault-report.jsonl"))
 
@@ -28,16 +35,11 @@ def report(fault: str, **figures: object) -> None:
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[LocalCluster]:
     """A cluster of its own: these tests kill pods and restart the emulator."""
-    config = ClusterConfig(
-        api_port=free_port(),
-        socket_ports=(free_port(), free_port()),
-        lb_port=free_port(),
-        emulator_port=free_port(),
+    with cluster_on_free_ports(
         socket_env={**TEST_SOCKET_ENV, "DEAF_AFTER_S": "5", "PRESENCE_TTL_S": "5"},
         api_env={**TEST_API_ENV, "PUBLISH_TIMEOUT_S": "2", "BROKER_PROBE_INTERVAL_S": "0.5"},
         with_lb=False,
-    )
-    with LocalCluster(config) as running:
+    ) as running:
         yield running
 
 
@@ -68,6 +70,15 @@ class Publisher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+
+    async def accepted_at_least(self, count: int, timeout_s: float = 10) -> None:
+        await eventually(
+            lambda: len(self.accepted),
+            timeout_s,
+            f"{count} accepted publishes",
+            interval_s=0.05,
+            until=lambda accepted: accepted >= count,
+        )
 
     async def stop(self) -> list[str]:
         self._stop.set()
@@ -122,17 +133,13 @@ async def test_sigkill_under_steady_publishing_loses_nothing(faulty: LocalCluste
     await watcher.attach(survivor.ws_url)
     publisher = Publisher(faulty.api.url, channel, rate_per_s=40)
     publisher.start()
-    async with asyncio.timeout(10):
-        while len(publisher.accepted) < 40:
-            await asyncio.sleep(0.05)
+    await publisher.accepted_at_least(40)
     for follower in followers:  # what each saw before the kill
         await follower.drain_until(publisher.accepted[10])
     victim.process.kill()
     for follower in followers:
         await follower.attach(survivor.ws_url)
-    async with asyncio.timeout(10):
-        while len(publisher.accepted) < 120:
-            await asyncio.sleep(0.05)
+    await publisher.accepted_at_least(120)
     accepted = await publisher.stop()
     for follower in (*followers, watcher):
         await follower.drain_until(accepted[-1])
@@ -156,17 +163,13 @@ async def test_sigterm_drain_closes_with_1012_and_clients_resume(faulty: LocalCl
         await follower.attach(draining.ws_url)
     publisher = Publisher(faulty.api.url, channel, rate_per_s=30)
     publisher.start()
-    async with asyncio.timeout(10):
-        while len(publisher.accepted) < 20:
-            await asyncio.sleep(0.05)
+    await publisher.accepted_at_least(20)
     draining.process.signal(15)
     codes = await asyncio.gather(*(f.read_until_closed() for f in followers))
     assert codes == [1012] * len(followers)
     for follower in followers:
         await follower.attach(other.ws_url)
-    async with asyncio.timeout(10):
-        while len(publisher.accepted) < 60:
-            await asyncio.sleep(0.05)
+    await publisher.accepted_at_least(60)
     accepted = await publisher.stop()
     for follower in followers:
         await follower.drain_until(accepted[-1])
@@ -179,13 +182,6 @@ async def test_sigterm_drain_closes_with_1012_and_clients_resume(faulty: LocalCl
         delivered_per_client=[len(f.ids) for f in followers],
     )
     draining.start()
-
-
-async def metric(url: str, name: str) -> float:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{url}/metrics")).text
-    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
-    return float(values[0]) if values else 0.0
 
 
 async def test_emulator_restart_503_then_recovery_and_the_pod_marks_the_break(faulty, channel):
@@ -217,25 +213,20 @@ async def _emulator_restart(faulty: LocalCluster, pod, channel: str) -> None:
         assert outage.status_code == 503
         assert asyncio.get_running_loop().time() - started < 5
         assert outage.headers["retry-after"] and outage.json()["id"] == "during"
-        async with asyncio.timeout(10):
-            while await metric(faulty.api.url, "pubsock_broker_up") != 0.0:
-                await asyncio.sleep(0.2)
+        await wait_metric(faulty.api.url, "pubsock_broker_up", lambda up: up == 0, 10)
         assert (await api.get("/readyz")).status_code == 200
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{pod.url}/readyz")).status_code == 200
         faulty.emulator.start()
         faulty.emulator.create_topic()
-        async with asyncio.timeout(30):
-            while True:
-                retry = await api.post(
-                    f"/v1/channels/{channel}/messages", json={"data": 1, "id": "during"}
-                )
-                if retry.status_code == 202:
-                    break
-                await asyncio.sleep(0.5)
-        async with asyncio.timeout(30):
-            while await metric(pod.url, "pubsock_unprovable_breaks_total") < 1:
-                await asyncio.sleep(0.2)
+        await eventually(
+            lambda: api.post(f"/v1/channels/{channel}/messages", json={"data": 1, "id": "during"}),
+            30,
+            "the retry to be accepted",
+            interval_s=0.5,
+            until=lambda retry: retry.status_code == 202,
+        )
+        await wait_metric(pod.url, "pubsock_unprovable_breaks_total", lambda breaks: breaks >= 1)
         assert await follower.read_until_closed() == 1013  # it may have missed messages
         again = await WsClient.connect(pod.ws_url)
         frame = await again.subscribe(channel, since=before)
@@ -262,14 +253,15 @@ async def test_a_deleted_subscription_is_recreated_and_the_gap_replayed(faulty, 
     async with httpx.AsyncClient(base_url=faulty.api.url) as api, httpx.AsyncClient() as http:
         first = (await api.post(f"/v1/channels/{channel}/messages", json={"data": 1})).json()["id"]
         assert (await client.next("message", timeout=30))["id"] == first
+
         # After the emulator restart of the test before, the pod may still be recreating it.
-        async with asyncio.timeout(30):
-            while True:
-                subs = (await http.get(listing)).json().get("subscriptions", [])
-                mine = [s["name"] for s in subs if "socket-2" in s["name"]]
-                if mine:
-                    break
-                await asyncio.sleep(0.2)
+        async def subscriptions_of_the_pod() -> list[str]:
+            subs = (await http.get(listing)).json().get("subscriptions", [])
+            return [s["name"] for s in subs if "socket-2" in s["name"]]
+
+        mine = await eventually(
+            subscriptions_of_the_pod, 30, "the pod's subscription", interval_s=0.2
+        )
         assert len(mine) == 1
         await http.delete(f"http://{faulty.emulator.host}/v1/{mine[0]}")
         sent = [

@@ -21,7 +21,8 @@ import httpx
 import jwt
 import pytest
 
-from devtools.cluster import free_port, port_open, wait_until
+from devtools.cluster import free_port, port_open
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BANNER_END = "Ctrl-C stops everything."

@@ -4,34 +4,31 @@ forgotten, and a reconnect storm does not flood the topic."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from devtools.cluster import LocalCluster, Service, free_port
-from services.core.auth import mint_token
-from tests.support import WsClient
-
-SECRET = "presence-test-secret-0123456789abcdef"
+from tests.support import WsClient, eventually, metric, mint
 
 
 class Pair:
-    def __init__(self, pods: list[Service]) -> None:
+    def __init__(self, pods: list[Service], secret: str) -> None:
         self.pods = pods
+        self.token = functools.partial(mint, channels=["test:*"], secret=secret)
 
     def url(self, index: int, sub: str) -> str:
-        token = mint_token(SECRET, sub, ["test:*"], [], 600)[0]
-        return f"{self.pods[index].ws_url}?token={token}"
+        return f"{self.pods[index].ws_url}?token={self.token(sub)}"
 
 
 @pytest.fixture(scope="module")
-def pair(cluster: LocalCluster) -> Iterator[Pair]:
+def pair(cluster: LocalCluster, token_secret: str) -> Iterator[Pair]:
     pods = [
         cluster.new_socket(
             f"presence-{i}",
             free_port(),
-            TOKEN_SECRET=SECRET,
+            TOKEN_SECRET=token_secret,
             PRESENCE_TTL_S="4",
             PRESENCE_SNAPSHOT_S="2",
             PRESENCE_MEMBERS_MAX="3",
@@ -43,7 +40,7 @@ def pair(cluster: LocalCluster) -> Iterator[Pair]:
     for pod in pods:
         pod.wait_ready()
     try:
-        yield Pair(pods)
+        yield Pair(pods, token_secret)
     finally:
         for pod in pods:
             pod.process.stop_async()
@@ -58,12 +55,13 @@ async def presence_of(client: WsClient, channel: str) -> dict:
 
 async def wait_presence(client: WsClient, channel: str, count: int, timeout_s: float = 15) -> dict:
     """Asks until the count converges (eventually consistent across pods), with a deadline."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            frame = await presence_of(client, channel)
-            if frame["count"] == count:
-                return frame
-            await asyncio.sleep(0.2)
+    return await eventually(
+        lambda: presence_of(client, channel),
+        timeout_s,
+        f"a presence count of {count} in {channel}",
+        interval_s=0.2,
+        until=lambda frame: frame["count"] == count,
+    )
 
 
 async def test_presence_converges_across_pods_with_join_events(pair, channel):
@@ -109,15 +107,15 @@ async def test_presence_is_never_a_message_frame(pair, cluster, channel):
     await watcher.assert_quiet(0.3)
 
 
-async def test_a_killed_pod_is_forgotten_after_the_ttl(cluster, channel):
+async def test_a_killed_pod_is_forgotten_after_the_ttl(cluster, channel, token_secret):
     """A pod that stops announcing (SIGKILL) leaves the aggregate after PRESENCE_TTL_S."""
     pods = [
-        cluster.new_socket(f"ttl-{i}", free_port(), TOKEN_SECRET=SECRET, PRESENCE_TTL_S="3")
+        cluster.new_socket(f"ttl-{i}", free_port(), TOKEN_SECRET=token_secret, PRESENCE_TTL_S="3")
         for i in (1, 2)
     ]
     for pod in pods:
         pod.start()
-    pair = Pair(pods)
+    pair = Pair(pods, token_secret)
     try:
         ann = await WsClient.connect(pair.url(0, "ann"))
         await ann.subscribe(channel, presence=True)
@@ -134,12 +132,7 @@ async def test_a_killed_pod_is_forgotten_after_the_ttl(cluster, channel):
 
 
 async def announcements(pod: Service) -> float:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{pod.url}/metrics")).text
-    line = next(
-        x for x in text.splitlines() if x.startswith("pubsock_presence_announcements_total ")
-    )
-    return float(line.split()[1])
+    return await metric(pod.url, "pubsock_presence_announcements_total")
 
 
 async def test_a_reconnect_storm_does_not_flood_the_topic(pair, channel):

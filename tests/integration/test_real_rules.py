@@ -13,17 +13,7 @@ import httpx
 import pytest
 
 from devtools.cluster import LocalCluster, Service, free_port
-from tests.support import WsClient
-
-
-async def metric(url: str, name: str) -> float:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{url}/metrics")).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.split()[-1])
-    return total
+from tests.support import WsClient, eventually, wait_metric
 
 
 async def publish_all(api: httpx.AsyncClient, channel: str, count: int) -> list[str]:
@@ -47,12 +37,13 @@ def log_records(service: Service) -> list[dict]:
 
 
 async def wait_for_log(service: Service, predicate, timeout_s: float = 30) -> dict:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            for record in log_records(service):
-                if predicate(record):
-                    return record
-            await asyncio.sleep(0.2)
+    """The first JSON log record of `service` that matches `predicate`."""
+    return await eventually(
+        lambda: next((r for r in log_records(service) if predicate(r)), None),
+        timeout_s,
+        f"a matching log record of {service.name}",
+        interval_s=0.2,
+    )
 
 
 @pytest.fixture
@@ -170,20 +161,8 @@ def own_api(cluster: LocalCluster) -> Iterator:
 
     def start(name: str, account: str = "default", wait: bool = True, **env: str) -> Service:
         assert cluster.strict is not None
-        port = free_port()
-        service = Service(
-            name,
-            "services.api",
-            port,
-            {
-                **cluster.api.env,
-                **cluster.strict.env(account),
-                "PORT": str(port),
-                "BROKER_PROBE_INTERVAL_S": "0.5",
-                **env,
-            },
-            cluster.work_dir,
-        )
+        settings = {**cluster.strict.env(account), "BROKER_PROBE_INTERVAL_S": "0.5", **env}
+        service = cluster.new_api(name, free_port(), **settings)
         started.append(service)
         service.start(wait_ready=wait)
         return service
@@ -206,9 +185,8 @@ async def test_a_full_channel_backlog_answers_429_and_publishes_nothing(cluster,
             )
             for n in range(2)
         ]
-        async with asyncio.timeout(10):  # both are queued for the channel before the third
-            while await metric(api.url, "pubsock_publishes_in_flight") < 2:
-                await asyncio.sleep(0.05)
+        # both are queued for the channel before the third
+        await wait_metric(api.url, "pubsock_publishes_in_flight", lambda n: n >= 2, 10)
         full = await client.post(f"/v1/channels/{channel}/messages", json={"data": 9, "id": "x"})
         assert full.status_code == 429
         assert full.headers["retry-after"] and full.json()["id"] == "x"
@@ -229,9 +207,7 @@ async def test_refused_credentials_show_the_broker_down_and_say_why(
     own_api, channel, account, said
 ):
     api = own_api(f"api-{account}", account=account)
-    async with asyncio.timeout(20):
-        while await metric(api.url, "pubsock_broker_up") != 0.0:
-            await asyncio.sleep(0.1)
+    await wait_metric(api.url, "pubsock_broker_up", lambda up: up == 0, 20)
     record = await wait_for_log(api, lambda r: r.get("severity") == "ERROR")
     assert said in json.dumps(record)
     if account == "publisher-only":  # may publish; only the probe's GetTopic is refused
@@ -245,9 +221,7 @@ async def test_a_pod_refused_by_pubsub_backs_off_and_says_what_to_fix(cluster):
     pod = cluster.new_socket("refused-pod", free_port(), **cluster.strict.env("denied"))
     pod.start(wait_ready=False)
     try:
-        async with asyncio.timeout(30):
-            while await _safe_metric(pod.url, "pubsock_broker_refusals_total") < 3:
-                await asyncio.sleep(0.2)
+        await wait_metric(pod.url, "pubsock_broker_refusals_total", lambda n: n >= 3, unreachable=0)
         record = await wait_for_log(pod, lambda r: r.get("severity") == "ERROR")
         assert (
             "PERMISSION_DENIED" in record["message"]
@@ -257,13 +231,6 @@ async def test_a_pod_refused_by_pubsub_backs_off_and_says_what_to_fix(cluster):
             assert (await http.get(f"{pod.url}/readyz")).status_code == 503
     finally:
         pod.process.stop()
-
-
-async def _safe_metric(url: str, name: str) -> float:
-    try:
-        return await metric(url, name)
-    except httpx.HTTPError:
-        return 0.0
 
 
 async def test_a_pod_exits_within_its_bound_with_pubsub_gone(cluster):

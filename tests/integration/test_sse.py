@@ -15,20 +15,13 @@ import pytest
 from devtools.cluster import LocalCluster, Service, free_port
 from services.socket.sse_id import decode_positions
 from tests.integration.test_faults import Publisher
-from tests.support import SseClient, SseParser, WsClient
+from tests.support import SseClient, SseParser, WsClient, metric
 
 
 async def publish(api: httpx.AsyncClient, channel: str, data: Any) -> str:
     response = await api.post(f"/v1/channels/{channel}/messages", json={"data": data})
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
-
-
-async def metric(url: str, name: str) -> float:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{url}/metrics")).text
-    values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
-    return float(values[0]) if values else 0.0
 
 
 async def opened(stream: SseClient, channels: int) -> dict[str, dict[str, Any]]:

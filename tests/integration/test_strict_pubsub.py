@@ -16,6 +16,7 @@ import pytest
 from google.pubsub_v1.types import pubsub as pubsub_types
 
 from devtools.cluster import PROJECT, TOPIC, LocalCluster, StrictPubSub
+from tests.support import eventually, unique_name
 
 PUB = "/google.pubsub.v1.Publisher/"
 SUB = "/google.pubsub.v1.Subscriber/"
@@ -31,7 +32,6 @@ ModifyAckDeadlineRequest: Any = pubsub_types.ModifyAckDeadlineRequest.pb()
 StreamingPullRequest: Any = pubsub_types.StreamingPullRequest.pb()
 StreamingPullResponse: Any = pubsub_types.StreamingPullResponse.pb()
 DeleteSubscriptionRequest: Any = pubsub_types.DeleteSubscriptionRequest.pb()
-_names = iter(range(1, 10**6))
 _created: list[str] = []
 
 
@@ -91,7 +91,7 @@ def message(data: bytes = b"x", key: str = "k", **attributes: str) -> Any:
 
 
 async def create_subscription(channel: grpc.aio.Channel) -> str:
-    name = f"projects/{PROJECT}/subscriptions/strict-test-{next(_names)}-{time.time_ns()}"
+    name = f"projects/{PROJECT}/subscriptions/{unique_name('strict-test')}"
     await unary(channel, SUB + "CreateSubscription", Subscription)(
         Subscription(name=name, topic=TOPIC_PATH, enable_message_ordering=True), timeout=10
     )
@@ -152,6 +152,17 @@ class Puller:
     def close(self) -> None:
         self.requests.put_nowait(None)
         self.call.cancel()
+
+
+async def held_back(strict: StrictPubSub, count: int) -> None:
+    """Until the stand-in holds `count` messages back from a stalled stream."""
+    await eventually(
+        lambda: strict.state()["held"],
+        10,
+        f"{count} messages held by the stall",
+        interval_s=0.05,
+        until=lambda held: held >= count,
+    )
 
 
 REFUSED_PUBLISHES = {
@@ -244,7 +255,7 @@ async def test_calls_need_a_token_of_an_account_with_the_permission(channel_to, 
 
 async def test_a_new_subscription_sees_only_messages_published_after_it(channel_to) -> None:
     channel = channel_to()
-    key = f"new-sub-{time.time_ns()}"
+    key = unique_name("new-sub")
     await publish(channel, message(b"before", key=key))
     subscription = await create_subscription(channel)
     await publish(channel, message(b"after", key=key))
@@ -255,7 +266,7 @@ async def test_a_new_subscription_sees_only_messages_published_after_it(channel_
 
 async def test_seek_to_a_time_replays_the_retained_messages_first(channel_to) -> None:
     channel = channel_to()
-    key = f"seek-{time.time_ns()}"
+    key = unique_name("seek")
     since = time.time()
     await publish(channel, message(b"one", key=key))
     await publish(channel, message(b"two", key=key))
@@ -293,7 +304,7 @@ async def test_seeks_fail_on_command(strict: StrictPubSub, channel_to) -> None:
 async def test_the_server_closes_streams_with_unavailable(strict: StrictPubSub, channel_to):
     channel = channel_to()
     puller = Puller(channel, await create_subscription(channel))
-    key = f"close-{time.time_ns()}"
+    key = unique_name("close")
     await publish(channel, message(b"first", key=key))
     assert await puller.take(1, key) == [b"first"]  # the stream is up
     strict.control("close-streams")
@@ -312,7 +323,7 @@ async def test_what_a_stall_held_back_comes_again_first_in_order(strict, channel
     the ack deadline, behind later messages of its channel)."""
     channel = channel_to()
     subscription = await create_subscription(channel)
-    key = f"stall-{time.time_ns()}"
+    key = unique_name("stall")
     first = Puller(channel, subscription)
     await publish(channel, message(b"one", key=key))
     assert await first.take(1, key) == [b"one"]
@@ -320,9 +331,7 @@ async def test_what_a_stall_held_back_comes_again_first_in_order(strict, channel
     try:
         await publish(channel, message(b"two", key=key))
         await publish(channel, message(b"three", key=key))
-        async with asyncio.timeout(10):  # both reached the stand-in, held by the stall
-            while strict.state()["held"] < 2:
-                await asyncio.sleep(0.05)
+        await held_back(strict, 2)  # both reached the stand-in, held by the stall
         first.close()
         second = Puller(channel, subscription)
         await publish(channel, message(b"four", key=key))
@@ -340,7 +349,7 @@ async def test_a_stalled_stream_that_is_closed_gives_back_what_it_held(strict, c
     of their channel)."""
     channel = channel_to()
     subscription = await create_subscription(channel)
-    key = f"stall-close-{time.time_ns()}"
+    key = unique_name("stall-close")
     first = Puller(channel, subscription)
     await publish(channel, message(b"one", key=key))
     assert await first.take(1, key) == [b"one"]
@@ -348,9 +357,7 @@ async def test_a_stalled_stream_that_is_closed_gives_back_what_it_held(strict, c
     try:
         await publish(channel, message(b"two", key=key))
         await publish(channel, message(b"three", key=key))
-        async with asyncio.timeout(10):
-            while strict.state()["held"] < 2:
-                await asyncio.sleep(0.05)
+        await held_back(strict, 2)
         strict.control("close-streams")
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             async with asyncio.timeout(10):
@@ -373,7 +380,7 @@ async def test_the_emulator_itself_is_lenient(cluster: LocalCluster) -> None:
     ordering keys, answers Seek to a time with UNIMPLEMENTED (501), and replays a retained
     topic's messages to a new subscription."""
     async with grpc.aio.insecure_channel(cluster.emulator.host) as channel:
-        key = f"lenient-{time.time_ns()}"
+        key = unique_name("lenient")
         await publish(channel, message(b"old", key=key))
         assert len(await publish(channel, message(key="a"), message(key="b"))) == 2
         name = await create_subscription(channel)

@@ -15,8 +15,9 @@ from typing import Any
 
 import orjson
 
+from tests.support import DEFAULT_TIMEOUT_S, WaitTimeout, eventually
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_TIMEOUT_S = 15.0
 
 Record = dict[str, Any]
 
@@ -100,22 +101,26 @@ class SioDriver:
     ) -> Record:
         """The first record (from index `since`) matching `predicate`."""
         seen = since
+
+        def first_match() -> Record | None:
+            nonlocal seen
+            for record in self.records[seen:]:
+                if record.get("ev") == "error":
+                    raise AssertionError(f"driver error: {record['message']}")
+                if predicate(record):
+                    return record
+            seen = len(self.records)
+            return None
+
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    for record in self.records[seen:]:
-                        if record.get("ev") == "error":
-                            raise AssertionError(f"driver error: {record['message']}")
-                        if predicate(record):
-                            return record
-                    seen = len(self.records)
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(
-                f"timed out waiting for {what}; last records: {self.records[-10:]}; "
-                f"stderr: {''.join(self.stderr[-20:])}"
+            # Every record sets _changed: the check runs again as soon as one arrives.
+            found = await eventually(first_match, timeout, what, interval_s=0.5, wake=self._changed)
+        except WaitTimeout as exc:
+            raise WaitTimeout(
+                f"{exc}; last records: {self.records[-10:]}; stderr: {''.join(self.stderr[-20:])}"
             ) from None
+        assert found is not None
+        return found
 
     async def wait_until(
         self, check: Callable[[], bool], what: str, timeout: float = DEFAULT_TIMEOUT_S

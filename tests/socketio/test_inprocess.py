@@ -9,8 +9,6 @@ and tests/socketio/test_socketio.py checks it across pods after a SIGKILL).
 from __future__ import annotations
 
 import asyncio
-import itertools
-import shutil
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,128 +16,90 @@ from typing import Any
 import httpx
 import pytest
 
-from services.core.auth import mint_token
 from services.core.broker import OutgoingMessage
 from services.core.broker.memory import MemoryBroker
 from services.core.envelope import Envelope
 from services.core.ids import new_message_id
 from services.socket.pod import Pod
 from services.socket.settings import SocketSettings
-from tests.socketio.support import SioDriver, install_node_modules
+from tests.socketio.support import SioDriver
+from tests.support import Mint, eventually, unique_channel
 
-SECRET = "in-process-secret-0123456789abcdef0123"
 RECONNECT = {"reconnectionDelay": 300, "reconnectionDelayMax": 300, "randomizationFactor": 0}
 TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"]}
-_rooms = itertools.count(1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _node() -> None:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("Node and npm are required")
-    install_node_modules()
+async def _running_pod(token_secret: str, **settings: Any) -> AsyncIterator[Pod]:
+    """A pod on the memory broker with quick timings and `settings`, drained afterwards."""
+    running = Pod(
+        SocketSettings(
+            broker="memory",
+            host="127.0.0.1",
+            port=0,
+            token_secret=token_secret,
+            recovery_wait_s=0.5,
+            warm_start_timeout_s=2,
+            drain_close_window_s=0,
+            close_timeout_s=1,
+            shutdown_cleanup_s=1,
+            log_level="WARNING",
+            **settings,
+        ),
+        MemoryBroker(),
+    )
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.drain()
 
 
 @pytest.fixture
-async def pod() -> AsyncIterator[Pod]:
-    settings = SocketSettings(
-        broker="memory",
-        host="127.0.0.1",
-        port=0,
+async def pod(token_secret: str) -> AsyncIterator[Pod]:
+    async for running in _running_pod(
+        token_secret,
         pod_name="inproc",
-        token_secret=SECRET,
         position_slack_ms=0,  # positions of other rooms resume exactly from the anchor's time
-        recovery_wait_s=0.5,
         socketio_connect_timeout_s=1,
         client_frames_per_s=5,
         client_frames_burst=10,
-        warm_start_timeout_s=2,
-        drain_close_window_s=0,
-        close_timeout_s=1,
-        shutdown_cleanup_s=1,
-        log_level="WARNING",
-    )
-    running = Pod(settings, MemoryBroker())
-    await running.start()
-    try:
+    ):
         yield running
-    finally:
-        await running.drain()
-
-
-async def _slack_pod(slack_ms: int) -> AsyncIterator[Pod]:
-    settings = SocketSettings(
-        broker="memory",
-        host="127.0.0.1",
-        port=0,
-        pod_name="inproc-slack",
-        token_secret=SECRET,
-        position_slack_ms=slack_ms,
-        recovery_wait_s=0.5,
-        warm_start_timeout_s=2,
-        drain_close_window_s=0,
-        close_timeout_s=1,
-        shutdown_cleanup_s=1,
-        log_level="WARNING",
-    )
-    running = Pod(settings, MemoryBroker())
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.drain()
 
 
 @pytest.fixture
-async def slack_pod() -> AsyncIterator[Pod]:
+async def slack_pod(token_secret: str) -> AsyncIterator[Pod]:
     """A pod whose other rooms resume from the anchor's time minus 3 s (the default is 2 s)."""
-    async for running in _slack_pod(3000):
+    async for running in _running_pod(
+        token_secret, pod_name="inproc-slack", position_slack_ms=3000
+    ):
         yield running
 
 
 @pytest.fixture
-async def short_slack_pod() -> AsyncIterator[Pod]:
+async def short_slack_pod(token_secret: str) -> AsyncIterator[Pod]:
     """POSITION_SLACK_MS 250: a room is "joined moments ago" for half a second."""
-    async for running in _slack_pod(250):
+    async for running in _running_pod(token_secret, pod_name="inproc-slack", position_slack_ms=250):
         yield running
-
-
-@pytest.fixture
-async def driver() -> AsyncIterator[SioDriver]:
-    running = await SioDriver.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
-
-
-@pytest.fixture
-def room() -> str:
-    return f"room:inproc-{next(_rooms)}"
 
 
 def url(pod: Pod) -> str:
     return f"http://127.0.0.1:{pod.port}"
 
 
-def token(sub: str = "ann", channels: tuple[str, ...] = ("room:*",)) -> str:
-    return mint_token(SECRET, sub, list(channels), [], 600)[0]
-
-
 async def publish(pod: Pod, channel: str, data: Any) -> str:
-    """Publishes as the api does and waits until the pod has it (so publish times differ)."""
+    """Publishes as the api does and waits until the pod has it and the clock has moved on (so
+    publish times differ)."""
     envelope = Envelope(new_message_id(), channel, data, int(time.time() * 1000))
     await pod.broker.publish(OutgoingMessage(envelope.encode(), channel, envelope.attributes()))
-    async with asyncio.timeout(5):
-        while not pod.history.contains(channel, envelope.id):
-            await asyncio.sleep(0.005)
-    await asyncio.sleep(0.01)
+    await eventually(lambda: pod.history.contains(channel, envelope.id), 5, "the pod to have it")
+    await eventually(lambda: int(time.time() * 1000) > envelope.ts, 5, "the next millisecond")
     return envelope.id
 
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
 async def test_a_joined_client_recovers_before_its_first_message(
-    pod: Pod, driver: SioDriver, room: str, transport: str
+    pod: Pod, driver: SioDriver, room: str, transport: str, token: Mint
 ) -> None:
     """`join` sends `pubsock:joined`, whose offset anchors recovery even with no message yet."""
     opts = {"transports": TRANSPORTS[transport], "auth": {"token": token()}, **RECONNECT}
@@ -155,10 +115,10 @@ async def test_a_joined_client_recovers_before_its_first_message(
     assert await driver.wait_messages("c", room, 4) == ids
 
 
-async def test_declared_rooms_recover_together(pod: Pod, driver: SioDriver) -> None:
+async def test_declared_rooms_recover_together(pod: Pod, driver: SioDriver, token: Mint) -> None:
     """Rooms of `auth.rooms` are in the pid: all come back; the anchor room exactly, the others
     from the anchor's time (POSITION_SLACK_MS is 0 here, so exactly too)."""
-    a, b = f"room:a{next(_rooms)}", f"room:b{next(_rooms)}"
+    a, b = unique_channel("room", "a"), unique_channel("room", "b")
     opts = {"transports": ["websocket"], "auth": {"token": token(), "rooms": [a, b]}, **RECONNECT}
     await driver.connect("c", url(pod), **opts)
     want = {a: [await publish(pod, a, "a1")], b: [await publish(pod, b, "b1")]}
@@ -175,12 +135,12 @@ async def test_declared_rooms_recover_together(pod: Pod, driver: SioDriver) -> N
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
 async def test_rooms_joined_and_left_after_connect_recover(
-    pod: Pod, driver: SioDriver, transport: str
+    pod: Pod, driver: SioDriver, transport: str, token: Mint
 ) -> None:
     """The pid holds only `auth.rooms`; a message event's offset names one room. Rooms joined
     (and left) since travel, signed, in the offsets this session is sent: every room comes back
     after a drop, none that was left, whichever room's event came last."""
-    kept, a, b, left = (f"room:{name}{next(_rooms)}" for name in ("kept", "a", "b", "left"))
+    kept, a, b, left = (unique_channel("room", name) for name in ("kept", "a", "b", "left"))
     auth = {"token": token(), "rooms": [kept, left]}
     await driver.connect("c", url(pod), transports=TRANSPORTS[transport], auth=auth, **RECONNECT)
     for room in (a, b):
@@ -206,7 +166,9 @@ async def test_rooms_joined_and_left_after_connect_recover(
     assert driver.message_ids("c", left) == []
 
 
-async def test_a_forged_room_set_is_not_recovered(pod: Pod, driver: SioDriver, room: str) -> None:
+async def test_a_forged_room_set_is_not_recovered(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
     """An offset whose room set is not signed with the pod's key starts a new session."""
     await driver.connect(
         "c", url(pod), transports=["websocket"], auth={"token": token()}, **RECONNECT
@@ -225,7 +187,7 @@ async def test_a_forged_room_set_is_not_recovered(pod: Pod, driver: SioDriver, r
 
 
 async def test_join_with_since_replays_and_leave_is_remembered(
-    pod: Pod, driver: SioDriver, room: str
+    pod: Pod, driver: SioDriver, room: str, token: Mint
 ) -> None:
     first = await publish(pod, room, 1)
     later = [await publish(pod, room, n) for n in (2, 3)]
@@ -243,12 +205,12 @@ async def test_join_with_since_replays_and_leave_is_remembered(
     again = await driver.reconnected("c", since)
     assert again["recovered"] is True
     await publish(pod, room, 6)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a quiet moment: what must not arrive cannot be waited for
     assert driver.message_ids("c", room) == later  # left, and still left after recovering
 
 
 async def test_a_foreign_or_forged_pid_starts_a_new_session(
-    pod: Pod, driver: SioDriver, room: str
+    pod: Pod, driver: SioDriver, room: str, token: Mint
 ) -> None:
     assert pod.socketio is not None
     pid = pod.socketio.ctx.signer.sign("sid-of-ann", "ann", [room])
@@ -271,7 +233,7 @@ async def test_a_foreign_or_forged_pid_starts_a_new_session(
 
 
 async def test_a_room_is_a_channel_of_the_one_hub_registry(
-    pod: Pod, driver: SioDriver, room: str
+    pod: Pod, driver: SioDriver, room: str, token: Mint
 ) -> None:
     """socket.io sessions subscribe to the hub as native ones do: one registry, one count."""
     assert pod.hub.session_count(room) == 0
@@ -286,7 +248,7 @@ async def test_a_room_is_a_channel_of_the_one_hub_registry(
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
 async def test_drain_ends_sessions_so_clients_reconnect(
-    pod: Pod, driver: SioDriver, room: str, transport: str
+    pod: Pod, driver: SioDriver, room: str, transport: str, token: Mint
 ) -> None:
     opts = {"transports": TRANSPORTS[transport], "auth": {"token": token()}, **RECONNECT}
     await driver.connect("c", url(pod), **opts)
@@ -309,13 +271,15 @@ async def test_a_session_that_never_connects_is_dropped(pod: Pod) -> None:
         opened = await client.get(base, params={"EIO": 4, "transport": "polling"})
         sid = opened.text[opened.text.index('"sid":"') + 7 :].split('"')[0]
         assert pod.socketio is not None and sid in pod.socketio.sessions
-        await asyncio.sleep(2.2)  # SOCKETIO_CONNECT_TIMEOUT_S is 1 here
-        assert sid not in pod.socketio.sessions
+        # SOCKETIO_CONNECT_TIMEOUT_S is 1 here
+        await eventually(lambda: sid not in pod.socketio.sessions, 2.2, "the session's end")
         late = await client.post(base, params={"EIO": 4, "transport": "polling", "sid": sid})
         assert late.status_code == 400 and late.json()["message"] == "Session ID unknown"
 
 
-async def test_too_many_events_get_limit_acks(pod: Pod, driver: SioDriver, room: str) -> None:
+async def test_too_many_events_get_limit_acks(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
     await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
     acks = await asyncio.gather(*(driver.emit("c", "presence", room) for _ in range(18)))
     codes = [ack.get("code", "ok") for ack in acks]
@@ -324,17 +288,20 @@ async def test_too_many_events_get_limit_acks(pod: Pod, driver: SioDriver, room:
 
 
 async def test_a_room_joined_moments_ago_recovers_nothing_from_before_the_join(
-    slack_pod: Pod, driver: SioDriver
+    slack_pod: Pod, driver: SioDriver, token: Mint
 ) -> None:
     """Found by make soak: a room joined less than POSITION_SLACK_MS before the anchor (another
     room's last event) resumed from the anchor's time minus the slack, so a recovery handed the
     client that room's messages from before its join, behind ones it already had: out of order,
     and not a duplicate it could drop. It now resumes after its join position."""
     pod = slack_pod
-    other, joined = f"room:other{next(_rooms)}", f"room:joined{next(_rooms)}"
-    async with asyncio.timeout(10):  # the pod's history reaches back past the slack
-        while pod.history.complete_from_ms > time.time() * 1000 - 3500:
-            await asyncio.sleep(0.05)
+    other, joined = unique_channel("room", "other"), unique_channel("room", "joined")
+    await eventually(  # the pod's history reaches back past the slack
+        lambda: pod.history.complete_from_ms <= time.time() * 1000 - 3500,
+        10,
+        "the history to reach back 3.5 s",
+        interval_s=0.05,
+    )
     opts = {"transports": ["websocket"], "auth": {"token": token()}, **RECONNECT}
     await driver.connect("c", url(pod), **opts)
     assert (await driver.emit("c", "join", other))["ok"]
@@ -368,7 +335,7 @@ async def test_a_room_joined_moments_ago_recovers_nothing_from_before_the_join(
 
 
 async def test_a_join_position_leaves_the_offsets_after_twice_the_slack(
-    short_slack_pod: Pod, driver: SioDriver, room: str
+    short_slack_pod: Pod, driver: SioDriver, room: str, token: Mint
 ) -> None:
     """The join position rides on the offsets only while the room was joined moments ago; then
     the session's room set is the plain one again (its own timer ends it, no message needed)."""
@@ -381,9 +348,100 @@ async def test_a_join_position_leaves_the_offsets_after_twice_the_slack(
     await driver.wait_messages("c", room, 1)
     assert f"~{room}/{ack['position']}~" in driver.last_offset("c")
     count = 1
-    async with asyncio.timeout(10):
-        while f"~{room}~" not in driver.last_offset("c"):
-            count += 1
-            await publish(pod, room, count)  # each event shows the offset as it stands
-            await driver.wait_messages("c", room, count)
+
+    async def offset_after_another_event() -> str:
+        nonlocal count
+        count += 1
+        await publish(pod, room, count)  # each event shows the offset as it stands
+        await driver.wait_messages("c", room, count)
+        return driver.last_offset("c")
+
+    await eventually(
+        offset_after_another_event,
+        10,
+        "the join position to leave the offsets",
+        interval_s=0,
+        until=lambda offset: f"~{room}~" in offset,
+    )
     assert f"{room}/" not in driver.last_offset("c").split("~", 1)[1]
+
+
+# -- join with a rewind ----------------------------------------------------------------------
+
+
+async def test_join_with_a_rewind_sends_the_last_messages_before_live_ones(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    ids = [await publish(pod, room, n) for n in range(4)]
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    ack = await driver.emit("c", "join", {"room": room, "rewind": {"count": 3}})
+    assert ack == {
+        "ok": True, "room": room, "position": ids[-1], "rewound": {"count": 3, "complete": True}
+    }  # fmt: skip
+    assert await driver.wait_messages("c", room, 3) == ids[1:]
+    assert [args[0] for args in driver.messages("c", room)] == [1, 2, 3]
+    live = await publish(pod, room, 4)
+    assert await driver.wait_messages("c", room, 4) == [*ids[1:], live]
+    # The rewound events came before the join's anchor event, and it before the live one.
+    kinds = [
+        r["event"] if r["event"] != "message" else r["args"][1]["id"]
+        for r in driver.of("c", "event")
+    ]
+    assert kinds == [*ids[1:], "pubsock:joined", live]
+    again = await driver.emit("c", "join", {"room": room, "rewind": {"count": 3}})
+    assert "rewound" not in again  # in the room already: once
+    seconds = await driver.emit("c", "join", {"room": f"{room}-b", "rewind": {"seconds": 60}})
+    assert seconds["rewound"] == {"count": 0, "complete": False}  # the pod is seconds old
+    await asyncio.sleep(0.3)
+    assert driver.message_ids("c", room) == [*ids[1:], live]
+
+
+async def test_join_with_since_and_a_rewind(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    """`since` wins when it recovers; when it cannot, the rewind is served."""
+    ids = [await publish(pod, room, n) for n in range(4)]
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    ack = await driver.emit("c", "join", {"room": room, "since": ids[2], "rewind": {"count": 3}})
+    assert ack["recovered"] is True and "rewound" not in ack
+    assert await driver.wait_messages("c", room, 1) == ids[3:]
+    await driver.connect("d", url(pod), transports=["websocket"], auth={"token": token()})
+    ack = await driver.emit("d", "join", {"room": room, "since": "gone", "rewind": {"count": 2}})
+    assert ack["recovered"] is False and ack["rewound"] == {"count": 2, "complete": True}
+    assert await driver.wait_messages("d", room, 2) == ids[2:]
+    await asyncio.sleep(0.3)
+    assert driver.message_ids("c", room) == ids[3:]
+
+
+async def test_bad_or_oversized_rewinds_are_refused_in_the_ack(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    await driver.connect("c", url(pod), transports=["websocket"], auth={"token": token()})
+    for rewind, code in (
+        ({"count": 0}, "bad_request"),
+        ({"count": 2, "at": 1}, "bad_request"),
+        ("50", "bad_request"),
+        ({"count": 101}, "limit"),
+        ({"seconds": 3601}, "limit"),
+    ):
+        ack = await driver.emit("c", "join", {"room": room, "rewind": rewind})
+        assert (ack["ok"], ack["code"], ack["room"]) == (False, code, room), rewind
+    assert (await driver.emit("c", "presence", room))["count"] == 0  # nothing was joined
+
+
+async def test_a_client_dropped_after_a_rewind_recovers_without_duplicates(
+    pod: Pod, driver: SioDriver, room: str, token: Mint
+) -> None:
+    """The rewound events carry offsets like any other: recovery resumes after them."""
+    ids = [await publish(pod, room, n) for n in range(3)]
+    await driver.connect(
+        "c", url(pod), transports=["websocket"], auth={"token": token()}, **RECONNECT
+    )
+    await driver.emit("c", "join", {"room": room, "rewind": {"count": 5}})
+    assert await driver.wait_messages("c", room, 3) == ids
+    since = len(driver.records)
+    await driver.drop("c")
+    missed = await publish(pod, room, 3)
+    assert (await driver.reconnected("c", since))["recovered"] is True
+    live = await publish(pod, room, 4)
+    assert await driver.wait_messages("c", room, 5) == [*ids, missed, live]

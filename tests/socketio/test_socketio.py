@@ -13,10 +13,9 @@ import httpx
 import orjson
 import pytest
 
-from devtools.cluster import AFFINITY_COOKIE, LocalCluster, wait_until
-from tests.socketio.conftest import token
+from devtools.cluster import AFFINITY_COOKIE, LocalCluster
 from tests.socketio.support import SioDriver
-from tests.support import WsClient
+from tests.support import Mint, WsClient, ensure_pods_up
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +53,7 @@ async def publish_http(api: httpx.AsyncClient, room: str, data: Any) -> str:
 
 
 async def test_rooms_span_pods_and_everyone_gets_one_order(
-    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
 ) -> None:
     """Clients on both pods (websocket, and long-polling upgraded to websocket) and a native
     websocket client on the same channel get HTTP publishes and client publishes in one order."""
@@ -106,7 +105,7 @@ async def test_rooms_span_pods_and_everyone_gets_one_order(
 
 
 async def test_long_polling_stays_on_its_pod_through_the_cookie(
-    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
 ) -> None:
     """A polling-only client (with the affinity cookie, as a browser sends it) keeps its session
     over many requests through the round-robin load balancer: receives, publishes, acks."""
@@ -162,7 +161,7 @@ async def test_unknown_sid_on_the_other_pod(sio_cluster: LocalCluster) -> None:
             assert polled.text.startswith("44{"), polled.text  # no token: CONNECT_ERROR
 
 
-async def test_auth_and_refusals(sio_cluster: LocalCluster, driver: SioDriver) -> None:
+async def test_auth_and_refusals(sio_cluster: LocalCluster, driver: SioDriver, token: Mint) -> None:
     url = lb(sio_cluster)
     ws = {"transports": ["websocket"], "reconnection": False}
     none = await driver.connect("none", url, **ws)
@@ -193,8 +192,31 @@ async def test_auth_and_refusals(sio_cluster: LocalCluster, driver: SioDriver) -
     assert presence["ok"] and presence["count"] >= 0
 
 
+async def test_join_with_a_rewind_on_every_pod(
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
+) -> None:
+    """A client joining a room on either pod gets its last messages (from that pod's history,
+    warm-started: complete), in the order native clients see, then live ones."""
+    url = lb(sio_cluster)
+    ws = {"transports": ["websocket"], "auth": {"token": token()}, "reconnection": False}
+    watchers = await connect_on_each_pod(driver, url, "watch", 2, **ws)
+    for name in watchers.values():
+        assert (await driver.emit(name, "join", room))["ok"]
+    ids = [await publish_http(api, room, n) for n in range(5)]
+    for name in watchers.values():  # both pods hold them now
+        assert await driver.wait_messages(name, room, 5) == ids
+    joiners = await connect_on_each_pod(driver, url, "join", 2, **ws)
+    for name in joiners.values():
+        ack = await driver.emit(name, "join", {"room": room, "rewind": {"count": 3}})
+        assert ack["rewound"] == {"count": 3, "complete": True}, ack
+        assert await driver.wait_messages(name, room, 3) == ids[2:]
+    live = await publish_http(api, room, "live")
+    for name in joiners.values():
+        assert await driver.wait_messages(name, room, 4) == [*ids[2:], live]
+
+
 async def test_recovery_after_sigkill(
-    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str
+    sio_cluster: LocalCluster, driver: SioDriver, api: httpx.AsyncClient, room: str, token: Mint
 ) -> None:
     """Clients (websocket and long-polling) that received an event on a pod that is then
     SIGKILLed reconnect through the load balancer to the other pod: `socket.recovered` is true,
@@ -255,16 +277,4 @@ async def test_recovery_after_sigkill(
             assert await driver.wait_messages(name, side, 6) == side_ids, name
             assert [a[0]["n"] for a in driver.messages(name, room)] == list(range(8))
     finally:
-        pod.start(wait_ready=False)
-        pod.wait_ready()
-        wait_until(
-            lambda: _lb_routes_to(url, doomed_pod), 30, f"the load balancer to use {doomed_pod}"
-        )
-
-
-def _lb_routes_to(url: str, pod: str) -> bool:
-    try:
-        response = httpx.get(f"{url}/readyz", cookies={AFFINITY_COOKIE: pod}, timeout=1)
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200 and response.json().get("pod") == pod
+        ensure_pods_up(url, [pod])

@@ -14,9 +14,9 @@ from fastapi import Request
 from services.api.app import create_app
 from services.api.auth import Authenticator, Principal
 from services.api.settings import ApiSettings
-from services.core.auth import mint_token
 from services.core.broker import OutgoingMessage
 from services.core.broker.memory import MemoryBroker
+from tests.support import mint
 
 SECRET = "fast-path-secret-0123456789abcdef012345"
 KEY = "publisher-key-0123456789"
@@ -95,7 +95,7 @@ async def test_same_answer_with_or_without_the_fast_path(api, channel, headers, 
 
 async def test_the_fast_path_takes_plain_publishes_and_publishes_the_same(api):
     client, calls, broker = api
-    token = mint_token(SECRET, "ann", [], ["room:*"], 600)[0]
+    token = mint("ann", channels=[], publish=["room:*"], secret=SECRET)
     fast = await client.post(
         "/v1/channels/room:7/messages",
         json={"data": {"n": 1}},

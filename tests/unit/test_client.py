@@ -29,6 +29,7 @@ from services.client import (
     full_jitter,
     token_expiry,
 )
+from tests.support import eventually
 
 FAST = {"backoff_base_s": 0.02, "backoff_max_s": 0.2, "first_connect_timeout_s": 3.0}
 
@@ -39,12 +40,6 @@ def make_token(sub: str = "ada", ttl_s: float = 3600, **claims: Any) -> str:
 
     payload = {"sub": sub, "exp": time.time() + ttl_s, **claims}
     return f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(payload)}.sig"
-
-
-async def eventually(predicate: Callable[[], Any], timeout_s: float = 3.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 class FakeConnection:
@@ -70,6 +65,7 @@ class FakePod:
         self.refuse_status: int | None = None
         self.forgotten: set[str] = set()  # positions answered with recovered: false
         self.forbidden: set[str] = set()  # channels answered with a forbidden error
+        self.cut_after_subscribed = False  # close with 1012 right after a rewind's answer
         self.warmups = 0
         self._counter = 0
 
@@ -148,8 +144,16 @@ class FakePod:
                 else:
                     answer["recovered"] = True
                     replay = entries[ids.index(since) + 1 :] if since in ids else list(entries)
+            rewind = frame.get("rewind")
+            if rewind and answer.get("recovered") is not True and channel not in conn.channels:
+                replay = entries[-rewind["count"] :]
+                answer["rewound"] = {"count": len(replay), "complete": True}
             conn.channels.add(channel)
             await self.send(conn, answer)
+            if "rewound" in answer and self.cut_after_subscribed:
+                self.cut_after_subscribed = False
+                await conn.ws.close(1012)
+                return
             for entry in replay:
                 await self.send(conn, entry)
         elif kind == "unsubscribe":
@@ -352,6 +356,72 @@ async def test_recovered_false_is_a_gap_and_resumes_from_the_new_position(pod):
     assert rec.ids() == ["m0001", "m0002"]
 
 
+async def test_rewind_hands_the_last_messages_then_live_ones(pod):
+    for n in range(3):
+        await pod.publish("room:1", n)
+    client = PubsockClient(pod.url, **FAST)
+    rec = Recorder(client)
+    async with client:
+        subscribed = await client.subscribe("room:1", rec.handler, rewind={"count": 2})
+        assert subscribed["rewound"] == {"count": 2, "complete": True}
+        await eventually(lambda: len(rec.messages) == 2)
+        await pod.publish("room:1", 3)
+        await eventually(lambda: len(rec.messages) == 3)
+        assert client.position("room:1") == "m0004"
+    assert rec.ids() == ["m0002", "m0003", "m0004"]
+    assert pod.connections[0].sent("subscribe") == [
+        {"type": "subscribe", "channel": "room:1", "rewind": {"count": 2}}
+    ]
+
+
+async def test_rewind_is_asked_again_on_every_resubscribe_and_served_only_after_a_gap(pod):
+    """Recovered: the replay alone. Not recovered: the rewind again, and the handler gets only
+    what it had not seen (ids are remembered)."""
+    for n in range(2):
+        await pod.publish("room:1", n)
+    client = PubsockClient(pod.url, **FAST)
+    rec = Recorder(client)
+    async with client:
+        await client.subscribe("room:1", rec.handler, rewind={"count": 5})
+        await eventually(lambda: len(rec.messages) == 2)
+        await pod.close_all(1012)
+        await pod.publish("room:1", 2)  # while away
+        second = await pod.wait_connections(2)
+        await eventually(lambda: len(rec.messages) == 3)
+        pod.forgotten.add("m0003")
+        await pod.close_all(1013)
+        await pod.publish("room:1", 3)  # while away, and this pod cannot resume after m0003
+        third = await pod.wait_connections(3)
+        await eventually(lambda: len(rec.messages) == 4)
+        await eventually(lambda: client.position("room:1") == "m0004")
+    assert rec.ids() == ["m0001", "m0002", "m0003", "m0004"]
+    assert second.sent("subscribe")[0] == {
+        "type": "subscribe", "channel": "room:1", "since": "m0002", "rewind": {"count": 5}
+    }  # fmt: skip
+    assert third.sent("subscribe")[0]["since"] == "m0003"
+    assert [e["channel"] for e in rec.of("gap")] == ["room:1"]
+    rewound = [e.get("rewound") for e in rec.of("subscribed")]
+    assert rewound == [{"count": 2, "complete": True}, None, {"count": 4, "complete": True}]
+
+
+async def test_a_connection_lost_before_the_rewind_arrived_asks_for_it_again(pod):
+    """The `subscribed` frame's position is not adopted until the rewind is in: the next
+    subscribe has no `since` (it would skip the rewind) and asks for the rewind again."""
+    for n in range(3):
+        await pod.publish("room:1", n)
+    pod.cut_after_subscribed = True
+    client = PubsockClient(pod.url, **FAST)
+    rec = Recorder(client)
+    async with client:
+        await client.subscribe("room:1", rec.handler, rewind={"count": 3})
+        second = await pod.wait_connections(2)
+        await eventually(lambda: len(rec.messages) == 3)
+    assert second.sent("subscribe")[0] == {
+        "type": "subscribe", "channel": "room:1", "rewind": {"count": 3}
+    }  # fmt: skip
+    assert rec.ids() == ["m0001", "m0002", "m0003"]
+
+
 async def test_duplicates_are_dropped_and_order_kept(pod):
     client = PubsockClient(pod.url, **FAST)
     rec = Recorder(client)
@@ -509,7 +579,7 @@ async def test_close_stops_reconnecting(pod):
     rec = Recorder(client)
     await client.connect()
     await client.close()
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a quiet moment: a reconnect that must not come cannot be awaited
     assert len(pod.connections) == 1 and rec.of("reconnecting") == []
     assert client.state == "closed"
 
@@ -647,9 +717,7 @@ async def test_close_while_connecting_ends_closed():
         states: list[str] = []
         client.on("state", lambda detail: states.append(detail["state"]))
         connecting = asyncio.create_task(client.connect(timeout_s=30))
-        async with asyncio.timeout(5):
-            while client.state != "connecting":
-                await asyncio.sleep(0.01)
+        await eventually(lambda: client.state, 5, until=lambda state: state == "connecting")
         await client.close()
         connecting.cancel()
         assert client.state == "closed"

@@ -111,3 +111,110 @@ def test_duplicate_detection_by_channel_and_id():
     history = make()
     fill(history, "c", ["a"])
     assert history.contains("c", "a") and not history.contains("d", "a")
+
+
+# -- rewind: the last N messages, or those of the last T seconds, with an honest `complete` --
+
+
+def ids(rewind) -> list[str]:
+    return [entry.id for entry in rewind.entries]
+
+
+def recent(size: int = 10, channels: int = 10, started_ms: int = 0) -> History:
+    """Now is 100 s; the history window is 60 s (a count alone looks back to 40 s)."""
+    history = History(size, 60, channels, 0, clock_ms=Clock(100_000))
+    history.stream_started(started_ms)
+    return history
+
+
+def test_rewind_count_is_the_newest_n_oldest_first():
+    history = recent()
+    fill(history, "c", ["a", "b", "c", "d"], start_ms=90_000)
+    rewind = history.rewind("c", 2, None)
+    assert ids(rewind) == ["c", "d"] and rewind.complete
+    assert history.rewind("c", 10, None) == (history.rewind("c", 4, None).entries, True)
+    assert ids(history.rewind("c", 10, None)) == ["a", "b", "c", "d"]
+    assert history.rewind("nothing", 5, None) == ([], True)  # complete: the room is quiet
+
+
+def test_rewind_seconds_is_what_was_published_after_now_minus_t():
+    history = recent()
+    for n, publish_ms in enumerate((30_000, 96_000, 97_000, 99_999)):
+        history.append("c", f"m{n}", publish_ms, b"")
+    rewind = history.rewind("c", None, 4)  # after 96 000
+    assert ids(rewind) == ["m2", "m3"] and rewind.complete
+    assert ids(history.rewind("c", 1, 4)) == ["m3"]  # both bounds apply
+    assert ids(history.rewind("c", 5, 4)) == ["m2", "m3"]
+    assert ids(history.rewind("c", 5, None)) == ["m1", "m2", "m3"]  # m0: out of the window
+
+
+def test_a_young_history_is_complete_only_from_its_start():
+    history = recent(started_ms=95_000)  # a pod started 5 s ago, without a warm start
+    fill(history, "c", ["a", "b", "c"], start_ms=96_000)
+    inside = history.rewind("c", None, 4)  # after 96 000: the pod was there
+    assert ids(inside) == ["b", "c"] and inside.complete
+    longer = history.rewind("c", None, 10)  # the window starts before the pod did
+    assert ids(longer) == ["a", "b", "c"] and not longer.complete
+    assert not history.rewind("c", 5, None).complete  # fewer than asked: older ones unknown
+    assert history.rewind("c", 3, None).complete  # 3 found, all on the pod's own stream
+    assert history.rewind("c", 2, None).complete
+
+
+def test_a_count_is_complete_after_evictions_of_one_publish_time():
+    history = recent(size=3)
+    for message_id in "abcde":  # one batch: one publish time; "a" and "b" are evicted
+        history.append("c", message_id, 90_000, b"")
+    rewind = history.rewind("c", 3, None)
+    assert ids(rewind) == ["c", "d", "e"] and rewind.complete
+    assert not history.rewind("c", 4, None).complete  # "a" and "b" are gone
+    assert not history.rewind("c", None, 60).complete
+
+
+def test_a_break_limits_what_a_rewind_can_prove():
+    history = recent()
+    fill(history, "c", ["a", "b"], start_ms=90_000)
+    history.stream_started(95_000)  # broke and came back: something may be missing before
+    fill(history, "c", ["c", "d"], start_ms=96_000)
+    assert history.rewind("c", 2, None).complete
+    across = history.rewind("c", 3, None)
+    assert ids(across) == ["b", "c", "d"] and not across.complete
+    assert history.rewind("c", None, 5).complete and not history.rewind("c", None, 6).complete
+
+
+def test_a_channel_in_a_warm_start_backlog_is_not_complete_until_its_backlog_is_over():
+    history = recent()
+    history.stream_started(40_000, backlog_until_ms=99_000)  # seeked back to 40 s
+    fill(history, "c", ["a", "b"], start_ms=50_000)  # backlog: newer backlog may follow
+    assert not history.rewind("c", 2, None).complete
+    assert not history.rewind("c", None, 30).complete
+    assert history.rewind("c", None, 1).complete  # the window starts after the opening
+    fill(history, "c", ["live"], start_ms=99_500)  # the channel's backlog is over
+    assert history.rewind("c", 2, None).complete
+    assert history.rewind("c", None, 60).complete  # complete from the seek point
+    fill(history, "other", ["x"], start_ms=60_000)
+    assert not history.rewind("other", 1, None).complete
+    history.backlog_over()
+    assert history.rewind("other", 1, None).complete
+
+
+def test_a_seek_point_inside_the_window_is_not_complete():
+    history = recent(started_ms=70_000)  # seeked back 30 s only (TOPIC_RETENTION_S < age)
+    fill(history, "c", ["a"], start_ms=80_000)
+    assert not history.rewind("c", 5, None).complete  # 60 s window: 40 000 is not covered
+    assert history.rewind("c", 5, 30).complete
+
+
+def test_rewind_of_an_evicted_channel_or_expired_entries():
+    clock = Clock(100_000)
+    history = History(10, 30, 1, 0, clock_ms=clock)
+    history.stream_started(0)
+    fill(history, "a", ["a1"], start_ms=95_000)
+    fill(history, "b", ["b1"], start_ms=96_000)  # evicts channel a
+    fill(history, "b", ["b2"], start_ms=98_000)
+    assert history.rewind("a", 1, None) == ([], False)
+    assert history.rewind("a", None, 4).complete  # after a's newest evicted message
+    clock.now_ms = 126_000 + 500
+    history.expire()  # cutoff 96 500: b1 goes, out of every window a rewind may ask
+    assert history.message_count == 1
+    rewind = history.rewind("b", 5, None)
+    assert ids(rewind) == ["b2"] and rewind.complete

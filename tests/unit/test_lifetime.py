@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.cluster import wait_until
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,6 +15,7 @@ from services.core.broker.ordered_publisher import (
     Pending,
     PublishFailed,
 )
+from tests.support import eventually
 
 
 class FakePubSub:
@@ -36,10 +37,9 @@ class FakePubSub:
         return [f"id-{item.data.decode()}" for item in batch]
 
     async def wait_requests(self, count: int) -> None:
-        async with asyncio.timeout(5):
-            while len(self.requests) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
+        await eventually(
+            lambda: len(self.requests) >= count, 5, f"{count} requests", wake=self.arrived
+        )
 
     def answer(self, index: int, error: Exception | None = None) -> None:
         if error is None:

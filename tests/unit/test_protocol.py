@@ -12,6 +12,7 @@ from services.core.protocol import (
     PresenceQuery,
     ProtocolError,
     Refresh,
+    RewindSpec,
     Subscribe,
     Unsubscribe,
     message_frame,
@@ -28,6 +29,15 @@ from services.core.protocol import (
             '{"type":"subscribe","channel":"a@b.c-d_e","since":"01X","presence":true}',
             Subscribe("a@b.c-d_e", "01X", True),
         ),
+        (
+            '{"type":"subscribe","channel":"c","rewind":{"count":50}}',
+            Subscribe("c", rewind=RewindSpec(count=50)),
+        ),
+        (
+            '{"type":"subscribe","channel":"c","since":"x","rewind":{"seconds":60,"count":5}}',
+            Subscribe("c", "x", rewind=RewindSpec(5, 60)),
+        ),
+        ('{"type":"subscribe","channel":"c","rewind":null}', Subscribe("c")),
         ('{"type":"unsubscribe","channel":"room:1"}', Unsubscribe("room:1")),
         ('{"type":"ping"}', Ping()),
         ('{"type":"refresh","token":"t"}', Refresh("t")),
@@ -59,12 +69,55 @@ def test_parses_every_client_frame(raw, expected):
         ('{"type":"subscribe","channel":"c","presence":1}', "bad_request"),
         ('{"type":"refresh"}', "bad_request"),
         ('{"type":"refresh","token":""}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{}}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":50}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":[50]}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{"count":0}}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{"count":-1}}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{"count":1.5}}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{"count":"5"}}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{"count":true}}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{"seconds":null}}', "bad_request"),
+        ('{"type":"subscribe","channel":"c","rewind":{"count":5,"from":"x"}}', "bad_request"),
     ],
 )
 def test_rejects_bad_frames_with_the_contract_code(raw, code):
     with pytest.raises(ProtocolError) as info:
         parse_client_frame(raw)
     assert info.value.code == code
+
+
+def test_a_bad_rewind_names_the_channel():
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame('{"type":"subscribe","channel":"room:1","rewind":{"count":0}}')
+    assert info.value.channel == "room:1" and "count" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "limited"),
+    [
+        (RewindSpec(count=100), False),
+        (RewindSpec(count=101), True),
+        (RewindSpec(seconds=60), False),
+        (RewindSpec(seconds=61), True),
+        (RewindSpec(100, 60), False),
+        (RewindSpec(1, 61), True),
+    ],
+)
+def test_rewind_limits_are_a_limit_error(spec, limited):
+    if not limited:
+        served = spec.within_limits(100, 60.0, "c")
+        assert served.seconds == spec.seconds
+        assert served.count == (spec.count if spec.count is not None else 100)
+        return
+    with pytest.raises(ProtocolError) as info:
+        spec.within_limits(100, 60.0, "c")
+    assert info.value.code == "limit" and info.value.channel == "c"
+
+
+def test_seconds_alone_are_served_as_the_last_max_count_of_them():
+    assert RewindSpec(seconds=30).within_limits(100, 60.0) == RewindSpec(100, 30)
+    assert RewindSpec(count=7).within_limits(100, 60.0) == RewindSpec(7)
 
 
 def test_message_frame_carries_the_contract_fields():
@@ -78,6 +131,9 @@ def test_message_frame_carries_the_contract_fields():
 def test_subscribed_frame_has_recovered_only_when_asked():
     assert "recovered" not in orjson.loads(subscribed_frame("c", "@1", None))
     assert orjson.loads(subscribed_frame("c", "@1", False))["recovered"] is False
+    assert "rewound" not in orjson.loads(subscribed_frame("c", "@1", None))
+    rewound = orjson.loads(subscribed_frame("c", "x", False, (3, False)))
+    assert rewound["rewound"] == {"count": 3, "complete": False} and rewound["recovered"] is False
 
 
 def test_ids_are_time_ordered_and_valid():

@@ -30,6 +30,12 @@ frame_like = st.fixed_dictionaries(
         "since": st.one_of(st.text(max_size=140), json_values),
         "presence": json_values,
         "token": json_values,
+        "rewind": st.one_of(
+            st.fixed_dictionaries(
+                {}, optional={"count": json_values, "seconds": json_values, "x": json_values}
+            ),
+            json_values,
+        ),
     },
 )
 EXAMPLES = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,3 +71,7 @@ def test_frame_shaped_objects(value):
         frame = parse_client_frame(orjson.dumps(value))
     if frame is not None and hasattr(frame, "channel"):
         assert 1 <= len(frame.channel) <= 128
+    rewind = getattr(frame, "rewind", None)
+    if rewind is not None:  # only positive integers get through, at least one of the two
+        bounds = [b for b in (rewind.count, rewind.seconds) if b is not None]
+        assert bounds and all(type(b) is int and b > 0 for b in bounds)

@@ -4,9 +4,8 @@ same parts a pod wires (hub, pump, access, registry), without processes or socke
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
+from devtools.waiting import eventually
 from services.core.auth import Claims, mint_token
 from services.core.broker import Delivery
 from services.core.broker.memory import MemoryBroker
@@ -196,15 +196,6 @@ def close_code(frames: list[Frame]) -> int | None:
     return closes[0] if closes else None
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Waits for `condition`, with a deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 def parts() -> Iterator[Parts]:
     yield Parts()
@@ -232,7 +223,11 @@ async def test_native_flood_warns_once_then_closes_1013(strict: Parts) -> None:
 async def test_native_token_expiry_closes_1008_at_exp(parts: Parts) -> None:
     session, _, peer = parts.native_session(claims(ttl_s=0.3))
     frames: list[Frame] = []
-    await until(lambda: close_code(frames.extend(peer.received()) or frames) is not None)
+    await eventually(
+        lambda: close_code(frames.extend(peer.received()) or frames) is not None,
+        5,
+        "the close frame at the token's exp",
+    )
     assert close_code(frames) == CloseCode.TOKEN_EXPIRED
     assert not session.open
 
@@ -332,7 +327,7 @@ async def test_sio_token_expiry_ends_the_session(parts: Parts) -> None:
     session, transport, peer = parts.sio_session(websocket=True)
     expiring = mint_token(SECRET, "ann", ["room:*"], [], 1)[0]
     sio_send(session, peer, b"40" + orjson.dumps({"token": expiring}))
-    await until(lambda: not session.open)
+    await eventually(lambda: not session.open, 5, "the session's end at the token's exp")
     assert close_code(peer.received()) == CloseCode.TOKEN_EXPIRED
 
 
@@ -379,7 +374,7 @@ async def test_every_kind_gets_its_framing_built_once_per_message(parts: Parts) 
         sio_send(session, peer, b"40" + orjson.dumps({"token": token(), "rooms": ["room:1"]}))
         sio_packets(session, transport, peer)
     assert native.framing is NATIVE
-    assert sios[0][0].framing == sios[1][0].framing != polling[0].framing
+    assert sios[0][0].framing is sios[1][0].framing is not polling[0].framing
     before = [len(t.data) for _, t, _ in sios]
     parts.publish("room:1", {"n": 1})
     native_frame = frames_json(native_peer.received())

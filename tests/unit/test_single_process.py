@@ -122,3 +122,13 @@ def test_settings_fail_loudly(monkeypatch):
         ApiSettings(broker="pubsub", google_cloud_project="")
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:1")
     assert ApiSettings().google_cloud_project == "local-project"
+
+
+def test_the_rewind_window_defaults_to_the_history_window_and_never_exceeds_it():
+    settings = SocketSettings(broker="memory", history_age_s=600)
+    assert settings.rewind_max_s == 600 and settings.rewind_max_count == 100
+    assert SocketSettings(broker="memory", history_age_s=600, rewind_max_s=60).rewind_max_s == 60
+    with pytest.raises(ValueError, match="REWIND_MAX_S"):
+        SocketSettings(broker="memory", history_age_s=600, rewind_max_s=601)
+    with pytest.raises(ValueError):
+        SocketSettings(broker="memory", rewind_max_count=0)

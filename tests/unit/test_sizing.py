@@ -279,6 +279,9 @@ def test_the_newest_full_results_file_is_chosen(tmp_path: Path) -> None:
     write(tmp_path / "2026-01-01.json", results("2026-01-01T10:00:00"))
     newest = write(tmp_path / "2026-02-01.json", results("2026-02-01T10:00:00"))
     write(tmp_path / "2026-03-01-quick.json", results("2026-03-01T10:00:00", profile="quick"))
+    partial = results("2026-03-02T10:00:00")
+    partial["results"] = {"rewind": {}}
+    write(tmp_path / "2026-03-02-rewind.json", partial)  # python -m bench --only rewind
     (tmp_path / "broken.json").write_text("{")
     assert latest_results(tmp_path) == newest
     with pytest.raises(ResultsError):

@@ -14,8 +14,8 @@ from services.socket.history import Entry
 from services.socket.http import parse_head
 from services.socket.sse import SSE, SseEndpoint, SseFraming, SseLimits, SseParts, SseSession
 from services.socket.sse_id import BadEventId, decode_positions, encode_positions
-from tests.support import SseParser
-from tests.unit.test_session_core import BUDGET, FakeTransport, Parts, claims, token, until
+from tests.support import SseParser, eventually
+from tests.unit.test_session_core import BUDGET, FakeTransport, Parts, claims, token
 
 ULID_A = "01HV5XK4Z8D3Q2M7R9T1W6Y0AB"
 
@@ -180,7 +180,7 @@ async def test_resume_replays_once_and_new_channels_start_live(parts: Parts) -> 
     assert [e["event"] for e in head] == ["pod", "subscribed"]
     assert head[1]["data"]["channel"] == "room:2"
     assert decode_positions(head[0]["id"], 10)["room:1"] == "m000001"  # until the replay
-    await until(lambda: parts.hub.session_count("room:1") == 1)
+    await eventually(lambda: parts.hub.session_count("room:1") == 1)
     replay = stream.events()
     assert [e["event"] for e in replay] == ["subscribed", "message", "message"]
     assert replay[0]["data"]["recovered"] is True
@@ -194,7 +194,7 @@ async def test_an_unknown_position_is_a_gap_and_moves_to_now(parts: Parts) -> No
     parts.publish("room:1")
     stream = open_stream(parts, ["room:1"], {"room:1": "never-seen"})
     stream.events()
-    await until(lambda: parts.hub.session_count("room:1") == 1)
+    await eventually(lambda: parts.hub.session_count("room:1") == 1)
     (subscribed,) = stream.events()
     assert subscribed["data"]["recovered"] is False
     assert decode_positions(subscribed["id"], 10) == {"room:1": "m000001"}
@@ -247,7 +247,7 @@ def close_event(stream: Stream) -> dict[str, Any]:
 
 async def test_token_expiry_ends_the_stream_with_1008(parts: Parts) -> None:
     stream = open_stream(parts, ["room:1"], ttl_s=0.3)
-    await until(lambda: not stream.session.open)
+    await eventually(lambda: not stream.session.open)
     assert close_event(stream)["code"] == CloseCode.TOKEN_EXPIRED
     assert parts.hub.session_count("room:1") == 0
 
@@ -353,7 +353,7 @@ async def test_token_from_authorization_and_last_event_id_header_wins(parts: Par
         request(target, Authorization=f"Bearer {token()}", Last_Event_ID="room:1=m000001"),
     )
     assert connection.head is not None and b"text/event-stream" in connection.head
-    await until(lambda: parts.hub.session_count("room:1") == 1)
+    await eventually(lambda: parts.hub.session_count("room:1") == 1)
     events = Stream(connection.session, connection.transport).events()
     assert [e["event"] for e in events] == ["pod", "subscribed", "message"]
     assert events[1]["data"]["recovered"] is True and events[2]["data"]["id"] == "m000002"

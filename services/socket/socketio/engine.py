@@ -32,7 +32,6 @@ from services.socket.endpoint import HttpConnection
 from services.socket.guards import SendBudget
 from services.socket.http import Request
 from services.socket.socketio.context import SioContext
-from services.socket.socketio.frames import framing_for
 from services.socket.socketio.protocol import (
     CLOSE,
     EIO_CLOSE,
@@ -165,7 +164,7 @@ class EngineSession:
         self.wire: Wire | None = None  # the websocket's TCP transport, for deliver
         # `~rooms~mac` after each offset once the rooms are not the declared ones (recovery.py)
         self.rooms_suffix: bytes | None = None
-        self.framing: Framing = framing_for(ctx.frames, False, None)
+        self.framing: Framing = ctx.frames.framing(False, None)
         self.probe: WsTransport | None = None
         self.upgrading = False
         self.open = True
@@ -236,7 +235,7 @@ class EngineSession:
 
     def reframe(self) -> None:
         """After the transport or the room set changed: how the hub frames our messages."""
-        self.framing = framing_for(self.ctx.frames, self.wire is not None, self.rooms_suffix)
+        self.framing = self.ctx.frames.framing(self.wire is not None, self.rooms_suffix)
 
     def use_websocket(self, ws: WsTransport) -> None:
         self.ws = ws

@@ -8,6 +8,8 @@ once per pod, whatever the framing.
 
 from __future__ import annotations
 
+import weakref
+
 from services.core.envelope import dumps
 from services.socket.history import Entry
 from services.socket.socketio.recovery import message_offset
@@ -18,8 +20,18 @@ class EventFrames:
     def __init__(self, event: str, with_offset: bool) -> None:
         self._head = b"42[" + dumps(event) + b","
         self._with_offset = with_offset
-        self.polling_framing = SioFraming(self, False, None)
-        self.websocket_framing = SioFraming(self, True, None)
+        # Alive while a session uses them (weak values): one per (transport, room set).
+        self._framings: weakref.WeakValueDictionary[tuple[bool, bytes | None], SioFraming] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def framing(self, websocket: bool, suffix: bytes | None) -> SioFraming:
+        """The one framing object for a transport and a signed room set (None: the default)."""
+        key = (websocket, suffix)
+        framing = self._framings.get(key)
+        if framing is None:
+            framing = self._framings[key] = SioFraming(self, websocket, suffix)
+        return framing
 
     def build(self, channel: str, entry: Entry) -> tuple[bytes, bytes]:
         """(Engine.IO packet, websocket frame of it); cached on the entry."""
@@ -50,26 +62,16 @@ class EventFrames:
 
 class SioFraming:
     """socket.io's framing (delivery.py): a message's event packet for long-polling or its
-    websocket frame, for the pod's default offsets or a session's signed room set. Sessions with
-    equal framings share one build per message; those without a room set share one instance."""
+    websocket frame, for the pod's default offsets or a session's signed room set. Interned by
+    `EventFrames.framing`: sessions with equal framings share one object, so the hub's lookup of
+    a message's build is an identity hash in C, and they share one build per message."""
 
-    __slots__ = ("_frames", "_hash", "_suffix", "_websocket")
+    __slots__ = ("__weakref__", "_frames", "_suffix", "_websocket")
 
     def __init__(self, frames: EventFrames, websocket: bool, suffix: bytes | None) -> None:
         self._frames = frames
         self._websocket = websocket
         self._suffix = suffix
-        self._hash = hash((websocket, suffix))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, SioFraming)
-            and other._websocket == self._websocket
-            and other._suffix == self._suffix
-        )
 
     def frame(self, channel: str, entry: Entry) -> bytes:
         packet, frame = self._frames.build(channel, entry)
@@ -79,10 +81,3 @@ class SioFraming:
 
     def presence(self, channel: str, kind: str, sub: str | None) -> bytes | None:
         return None  # socket.io clients ask with the `presence` event
-
-
-def framing_for(frames: EventFrames, websocket: bool, suffix: bytes | None) -> SioFraming:
-    """The shared instance without a room set; a new one with."""
-    if suffix is None:
-        return frames.websocket_framing if websocket else frames.polling_framing
-    return SioFraming(frames, websocket, suffix)

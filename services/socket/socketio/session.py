@@ -1,7 +1,7 @@
 """The Socket.IO layer of a session: the default namespace, rooms (= channels), acks, recovery.
 
 Client events (each with an optional ack; every ack is one object with `ok`):
-- `join` (room | {room, since?}) -> {ok, room, position, recovered?}
+- `join` (room | {room, since?, rewind?}) -> {ok, room, position, recovered?, rewound?}
 - `leave` (room) -> {ok, room}
 - `publish` (room, data) -> {ok, id, room} once Pub/Sub confirmed (same envelope as the HTTP API)
 - `presence` (room) -> {ok, room, count, members?}
@@ -31,9 +31,10 @@ from services.core.closecodes import CloseCode
 from services.core.envelope import Envelope
 from services.core.ids import new_message_id
 from services.core.messages import InvalidData, encode_data
+from services.core.protocol import ProtocolError, RewindSpec, parse_rewind
 from services.socket.access import TokenRefused
 from services.socket.guards import Flood, FloodGuard, TokenExpiry
-from services.socket.history import Entry
+from services.socket.history import Entry, Rewind
 from services.socket.socketio.context import SioContext
 from services.socket.socketio.engine import EngineSession
 from services.socket.socketio.protocol import (
@@ -255,13 +256,12 @@ class SioSession(EngineSession):
         self.pid = ctx.signer.sign(self.sio_sid, self.sub, rooms) if ctx.recovery else None
         self.declared = tuple(rooms)
         self.connected = True
-        for room in rooms:
-            self._join(room, update=False)
+        positions = {room: self._join(room, update=False) for room in rooms}
         self._rooms_changed()
         self.send(connect_packet(self.sio_sid, self.pid))
         if ctx.recovery:
-            for room in rooms:
-                self._emit_joined(room)
+            for room, position in positions.items():
+                self._emit_joined(room, position)
         self._expiry.schedule(self.claims)
         ctx.connects.labels(result).inc()
 
@@ -416,47 +416,83 @@ class SioSession(EngineSession):
     def _on_join(self, args: list[Any], ack_id: int | None) -> None:
         target = args[0] if args else None
         since: object = None
+        rewind_value: object = None
         if isinstance(target, dict):
             since = target.get("since")
+            rewind_value = target.get("rewind")
             target = target.get("room")
         room = self._check_room(target, self.claims)
         if room not in self.rooms and (
             len(self.rooms) >= self.ctx.settings.max_subscriptions_per_connection
         ):
             raise Refused("limit", "too many rooms", room)
+        rewind = self._rewind_spec(rewind_value, room)
         if since is None:
-            self._join(room)
-            position = self.ctx.history.position(room)
-            self._ack(ack_id, {"ok": True, "room": room, "position": position})
+            rewound, position = self._join_rewound(room, rewind)
+            body: dict[str, Any] = {"ok": True, "room": room, "position": position}
+            self._ack_join(ack_id, body, room, rewound)
             if self.ctx.recovery:
-                self._emit_joined(room)
+                self._emit_joined(room, position)
             return
         if not isinstance(since, str) or not 0 < len(since) <= POSITION_MAX_CHARS:
             raise Refused("bad_request", "since must be a position string", room)
         self._busy = True
-        self.ctx.spawn(self._join_since(room, since, ack_id))
+        self.ctx.spawn(self._join_since(room, since, ack_id, rewind))
 
-    async def _join_since(self, room: str, since: str, ack_id: int | None) -> None:
+    def _rewind_spec(self, value: object, room: str) -> RewindSpec | None:
+        """The join's `rewind`, checked as the native subscribe checks it."""
+        settings = self.ctx.settings
+        try:
+            rewind = parse_rewind(value, room)
+            if rewind is not None:
+                rewind = rewind.within_limits(
+                    settings.rewind_max_count, settings.rewind_max_s, room
+                )
+        except ProtocolError as exc:
+            raise Refused(exc.code, str(exc), room) from None
+        return rewind
+
+    def _join_rewound(self, room: str, rewind: RewindSpec | None) -> tuple[Rewind | None, str]:
+        """Joins the room; with a rewind, and not in the room yet, its recent history too
+        (taken with no await before joining the live stream). Returns it and the join position."""
+        rewound = None
+        if rewind is not None and room not in self.rooms:
+            rewound = self.ctx.hub.rewind(room, rewind.count, rewind.seconds)
+        return rewound, self._join(room)
+
+    def _ack_join(
+        self, ack_id: int | None, body: dict[str, Any], room: str, rewound: Rewind | None
+    ) -> None:
+        """Acks the join, then sends the rewind's messages (before any live one)."""
+        if rewound is not None:
+            body["rewound"] = {"count": len(rewound.entries), "complete": rewound.complete}
+        self._ack(ack_id, body)
+        if rewound is not None:
+            for entry in rewound.entries:
+                self.send(self._event_packet(room, entry))
+            self.replayed()
+
+    async def _join_since(
+        self, room: str, since: str, ack_id: int | None, rewind: RewindSpec | None = None
+    ) -> None:
         try:
             recovery = await self.ctx.hub.recover(room, since)
             if self.open and self.connected:
                 # No await between taking the history slice and joining the live stream.
-                self._join(room)
-                position = self.ctx.history.position(room)
-                self._ack(
-                    ack_id,
-                    {
-                        "ok": True,
-                        "room": room,
-                        "position": position,
-                        "recovered": recovery.recovered,
-                    },
-                )
+                # A rewind is served only when `since` cannot be: the client rebuilds from it.
+                rewound, position = self._join_rewound(room, None if recovery.recovered else rewind)
+                body = {
+                    "ok": True,
+                    "room": room,
+                    "position": position,
+                    "recovered": recovery.recovered,
+                }
+                self._ack_join(ack_id, body, room, rewound)
                 for entry in recovery.entries:
                     self.send(self._event_packet(room, entry))
                 self.replayed()
                 if self.ctx.recovery:
-                    self._emit_joined(room)
+                    self._emit_joined(room, position)
         finally:
             self._unbusy()
 
@@ -547,17 +583,21 @@ class SioSession(EngineSession):
         self._ack(ack_id, {"ok": True, "expires_at": claims.exp})
 
     # -- rooms -------------------------------------------------------------------------------
-    def _join(self, room: str, update: bool = True, fresh: bool = True) -> None:
-        """`fresh`: a room the client had not been in (not one a recovery restores)."""
+    def _join(self, room: str, update: bool = True, fresh: bool = True) -> str:
+        """Joins the room and returns its position at the join: the one position the ack, the
+        `pubsock:joined` event and the offsets all carry (an empty room's is `@<now ms>`, which
+        a second look could read a millisecond later). `fresh`: a room the client had not been
+        in (not one a recovery restores)."""
+        position = self.ctx.history.position(room)
         if room not in self.rooms:
             self.rooms[room] = None
             self.ctx.hub.add(room, self)
             if fresh and self.ctx.recovery:
-                position = self.ctx.history.position(room)
                 self._fresh[room] = (position, time.monotonic())
                 self.arm()  # its timer also ends the join position's time in the offsets
             if update:
                 self._rooms_changed()
+        return position
 
     def _leave(self, room: str) -> None:
         if room in self.rooms:
@@ -590,9 +630,8 @@ class SioSession(EngineSession):
         suffix = self.rooms_suffix
         return offset if suffix is None else offset + suffix.decode()
 
-    def _emit_joined(self, room: str) -> None:
-        """Moves the client's recovery anchor to this room, at where it stands now."""
-        position = self.ctx.history.position(room)
+    def _emit_joined(self, room: str, position: str) -> None:
+        """Moves the client's recovery anchor to this room, at its join position."""
         self._emit(JOINED_EVENT, {"room": room, "position": position}, self._offset(room, position))
 
     def _emit_left(self, room: str) -> None:
