@@ -716,6 +716,18 @@ export class PubsockClient extends EventTarget {
     if (presence.length) params.set("presence", presence.join(","));
     const positions = entries.filter((e) => e.position).map((e) => [e.channel, e.position]);
     if (positions.length) params.set("last_event_id", formatEventId(positions));
+    // One rewind for the stream, on the channels that ask for one (the largest of their asks);
+    // the server serves it only where a channel starts afresh or cannot resume.
+    const rewinding = entries.filter((e) => e.rewind);
+    if (rewinding.length) {
+      for (const key of ["count", "seconds"]) {
+        const bound = Math.max(0, ...rewinding.map((e) => e.rewind[key] ?? 0));
+        if (bound > 0) params.set(`rewind_${key}`, String(bound));
+      }
+      if (rewinding.length < entries.length) {
+        params.set("rewind_channels", rewinding.map((e) => e.channel).join(","));
+      }
+    }
     if (this._token) params.set("token", this._token);
     const url = `${this.sseUrl}${this.sseUrl.includes("?") ? "&" : "?"}${params}`;
     let es;

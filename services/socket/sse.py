@@ -34,12 +34,12 @@ import orjson
 from services.core.auth import Claims
 from services.core.channels import is_valid_channel
 from services.core.closecodes import CloseCode
-from services.core.protocol import subscribed_frame
+from services.core.protocol import ProtocolError, RewindSpec, subscribed_frame
 from services.socket.access import Access, Refusal, TokenRefused
 from services.socket.delivery import Framing, Wire
 from services.socket.endpoint import HttpConnection
 from services.socket.guards import TokenExpiry
-from services.socket.history import Entry
+from services.socket.history import Entry, Rewind
 from services.socket.http import Request, json_response, response, stream_head
 from services.socket.hub import Hub
 from services.socket.metrics import SocketMetrics
@@ -136,6 +136,8 @@ class SseLimits:
     presence_members_max: int
     close_timeout_s: float
     sse_keepalive_s: float
+    rewind_max_count: int
+    rewind_max_s: float
 
     @classmethod
     def from_settings(cls, settings: SocketSettings) -> SseLimits:
@@ -168,6 +170,7 @@ class SseSession:
         "_presence",
         "_presence_wanted",
         "_quiet_since",
+        "_rewind",
         "_single",
         "_slots",
         "_wrote",
@@ -188,8 +191,10 @@ class SseSession:
         claims: Claims | None,
         channels: list[str],
         presence: set[str],
+        rewind: tuple[RewindSpec, set[str]] | None = None,
     ) -> None:
         self._parts = parts
+        self._rewind = rewind  # what to rewind, on which channels (when they start afresh)
         limits = parts.limits
         self.transport = transport
         self.wire = Wire(transport, limits.send_buffer_max_bytes)
@@ -228,20 +233,26 @@ class SseSession:
         self._pairs[index] = self._prefixes[index] + position.encode("ascii")
         self._hot = -1
 
+    def _forget_position(self, channel: str) -> None:
+        """No position until its rewind's first message: cut before, it is asked again."""
+        self._pairs[self._slots[channel]] = b""
+        self._hot = -1
+
     def _id(self) -> bytes:
-        return b",".join(self._pairs)
+        return b",".join([pair for pair in self._pairs if pair])
 
     # -- opening -----------------------------------------------------------------------------
     def start(self, positions: dict[str, str] | None) -> None:
-        """Joins every channel: those without a position live at once; those with one after
-        their recovery (`_recover`). `positions` is the client's Last-Event-ID decoded; None
-        when it could not be read: every channel then starts over with `recovered: false`.
+        """Joins every channel: those without a position live at once (after their rewind, if
+        one is asked); those with one after their recovery (`_recover`). `positions` is the
+        client's Last-Event-ID decoded; None when it could not be read: every channel then
+        starts over with `recovered: false`.
 
         The first event (`pod`) carries the whole id: a stream cut right after it resumes
         from there."""
         history = self._parts.hub.history
         recovered = None if positions is not None else False
-        live: list[bytes] = []
+        fresh: list[tuple[str, str, Rewind | None]] = []
         recovering: list[tuple[str, str]] = []
         for channel in self._slots:
             since = positions.get(channel) if positions is not None else None
@@ -249,15 +260,41 @@ class SseSession:
                 self._set_position(channel, since)
                 recovering.append((channel, since))
                 continue
+            rewound = self._rewound(channel)  # the history slice, then the live stream
             self._attach(channel)
             position = history.position(channel)
-            self._set_position(channel, position)
-            live.append(event("subscribed", subscribed_frame(channel, position, recovered)))
+            if rewound is not None and rewound.entries:
+                self._forget_position(channel)
+            else:
+                self._set_position(channel, position)
+            fresh.append((channel, position, rewound))
         pod = orjson.dumps({"type": "pod", "pod": self._parts.limits.pod_name})
-        head = b"retry: %d\n" % retry_ms(None) + event("pod", pod, self._id())
-        self.send_raw(head + b"".join(live))
+        events = [b"retry: %d\n" % retry_ms(None) + event("pod", pod, self._id())]
+        for channel, position, rewound in fresh:
+            events += self._answer(channel, position, recovered, rewound)
+        self.send_raw(b"".join(events))
+        if any(rewound is not None for _, _, rewound in fresh):
+            self.wire.replayed()
         for channel, since in recovering:
             self._parts.spawn(self._recover(channel, since))
+
+    def _rewound(self, channel: str) -> Rewind | None:
+        """The channel's rewind when the stream asked for one on it."""
+        if self._rewind is None or channel not in self._rewind[1]:
+            return None
+        spec = self._rewind[0]
+        return self._parts.hub.rewind(channel, spec.count, spec.seconds)
+
+    def _answer(
+        self, channel: str, position: str, recovered: bool | None, rewound: Rewind | None
+    ) -> list[bytes]:
+        """A `subscribed` event, then the rewind's messages, each moving the channel's pair."""
+        shape = None if rewound is None else (len(rewound.entries), rewound.complete)
+        events = [event("subscribed", subscribed_frame(channel, position, recovered, shape))]
+        for entry in rewound.entries if rewound is not None else ():
+            self._set_position(channel, entry.id)
+            events.append(b"id: " + self._id() + b"\ndata: " + message_payload(entry) + b"\n\n")
+        return events
 
     def _attach(self, channel: str) -> None:
         if channel not in self.channels:
@@ -278,7 +315,15 @@ class SseSession:
         if not self.open:
             return
         # No await between taking the history slice and joining the live stream.
+        rewound = None if recovery.recovered else self._rewound(channel)
         self._attach(channel)
+        if rewound is not None:  # cannot resume: the rewind is served, so the client rebuilds
+            position = self._parts.hub.history.position(channel)
+            if not rewound.entries:
+                self._set_position(channel, position)
+            self.send_raw(b"".join(self._answer(channel, position, False, rewound)))
+            self.wire.replayed()
+            return
         if not recovery.recovered or not recovery.entries:
             self.send_raw(self._subscribed(channel, recovery.recovered))
             return
@@ -305,8 +350,8 @@ class SseSession:
             # (the others' pairs change only when they do, or by `_set_position`).
             self._hot = index
             self._around = (
-                b"".join((b"id: ", *(p + b"," for p in pairs[:index]))),
-                b"".join((*(b"," + p for p in pairs[index + 1 :]), b"\n")),
+                b"".join((b"id: ", *(p + b"," for p in pairs[:index] if p))),
+                b"".join((*(b"," + p for p in pairs[index + 1 :] if p), b"\n")),
             )
         head, tail = self._around
         return b"".join((head, built.pair, tail, built))
@@ -412,6 +457,7 @@ class StreamRequest:
     channels: list[str]
     presence: set[str]
     positions: dict[str, str] | None  # None: a Last-Event-ID that could not be read
+    rewind: tuple[RewindSpec, set[str]] | None
 
 
 class SseEndpoint:
@@ -460,7 +506,9 @@ class SseEndpoint:
             return None
 
         def open_stream(transport: asyncio.Transport) -> SseSession:
-            session = SseSession(parts, transport, claims, wanted.channels, wanted.presence)
+            session = SseSession(
+                parts, transport, claims, wanted.channels, wanted.presence, wanted.rewind
+            )
             parts.registry.opened(session)
             parts.metrics.connections_opened.inc()
             session.start(wanted.positions)
@@ -504,7 +552,8 @@ class SseEndpoint:
                 channels.append(name)
         if len(channels) > limit:
             raise BadStream(400, "bad_request", f"too many channels: at most {limit} a stream")
-        presence = self._presence_channels(request.query_value("presence"), channels)
+        presence = self._subset(request.query_value("presence"), channels, "presence")
+        rewind = self._rewind(request, channels)
         if claims is not None:
             for channel in channels:
                 if not claims.may_subscribe(channel):
@@ -518,11 +567,11 @@ class SseEndpoint:
             positions: dict[str, str] | None = decode_positions(last_event_id.strip(), limit)
         except BadEventId:
             positions = None
-        return StreamRequest(channels, presence, positions)
+        return StreamRequest(channels, presence, positions, rewind)
 
     @staticmethod
-    def _presence_channels(value: str | None, channels: list[str]) -> set[str]:
-        """`presence=1` (every channel), `0`, or a comma-separated subset of the channels."""
+    def _subset(value: str | None, channels: list[str], name: str) -> set[str]:
+        """`1` (every channel), `0`, or a comma-separated subset of the channels."""
         if value is None or value.lower() in _FALSE:
             return set()
         if value.lower() in _TRUE:
@@ -530,9 +579,37 @@ class SseEndpoint:
         chosen = set(value.split(","))
         if not chosen <= set(channels):
             raise BadStream(
-                400, "bad_request", "presence: 1, 0, or a comma-separated subset of channels"
+                400, "bad_request", f"{name}: 1, 0, or a comma-separated subset of channels"
             )
         return chosen
+
+    def _rewind(self, request: Request, channels: list[str]) -> tuple[RewindSpec, set[str]] | None:
+        """`rewind_count` and/or `rewind_seconds` (positive integers): recent history first, on
+        the `rewind_channels` (default: every channel) that start afresh."""
+        bounds: dict[str, int] = {}
+        for key in ("count", "seconds"):
+            value = request.query_value(f"rewind_{key}")
+            if value is None:
+                continue
+            if not value.isdigit() or int(value) <= 0 or len(value) > 9:
+                raise BadStream(400, "bad_request", f"rewind_{key} must be a positive integer")
+            bounds[key] = int(value)
+        wanted = request.query_value("rewind_channels")
+        if not bounds:
+            if wanted is not None:
+                raise BadStream(
+                    400, "bad_request", "rewind_channels needs rewind_count or _seconds"
+                )
+            return None
+        limits = self._parts.limits
+        try:
+            spec = RewindSpec(bounds.get("count"), bounds.get("seconds")).within_limits(
+                limits.rewind_max_count, limits.rewind_max_s
+            )
+        except ProtocolError as exc:
+            raise BadStream(400, "bad_request", str(exc)) from None
+        on = set(channels) if wanted is None else self._subset(wanted, channels, "rewind_channels")
+        return spec, on
 
     def _cors(self, request: Request) -> dict[str, str]:
         """CORS with credentials for an (allowed) Origin: EventSource's `withCredentials`."""

@@ -55,8 +55,10 @@ def _pods(pods, serving: str):
 def test_page_falls_back_to_sse_and_resumes_after_sigkill_once_in_order(
     pods_up, blocked_lb, open_page, room, publisher
 ):
-    """Websockets are refused: the page falls back to SSE; its pod is SIGKILLed while messages
-    are published; it resumes on the other pod with every message once, in order."""
+    """Websockets are refused: the page falls back to SSE (and gets the room's recent messages,
+    its rewind); its pod is SIGKILLed while messages are published; it resumes on the other pod
+    with every message once, in order."""
+    earlier = publisher.publish(f"demo:{room}", "before Ada came")  # her rewind shows it
     ada: DemoPage = open_page(blocked_lb)
     ada.join("Ada", room)
     expect(ada.event("transport")).to_have_count(1)
@@ -64,8 +66,8 @@ def test_page_falls_back_to_sse_and_resumes_after_sigkill_once_in_order(
     assert not ada.frames_received, "no websocket got through this load balancer"
     assert ada.page.evaluate("window.pubsockDemo.client.transport") == "sse"
 
-    texts = ["over SSE"]
-    ids = [ada.send(texts[0])]  # published over HTTP, delivered on the stream
+    texts = ["before Ada came", "over SSE"]
+    ids = [earlier, ada.send(texts[1])]  # published over HTTP, delivered on the stream
     ada.expect_texts(texts)
     victim, survivor = _pods(pods_up, ada.pod())
     survivor_name = survivor.env["POD_NAME"]

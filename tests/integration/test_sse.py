@@ -85,8 +85,12 @@ async def test_unknown_or_unreadable_positions_are_gaps(
     cluster: LocalCluster, api: httpx.AsyncClient, channel: str
 ) -> None:
     a, b = f"{channel}-a", f"{channel}-b"
-    newest = await publish(api, a, 1)
     pod = cluster.sockets[0]
+    watcher = await SseClient.open(f"{pod.url}/sse?channels={a}")
+    await opened(watcher, 1)
+    newest = await publish(api, a, 1)
+    assert (await watcher.next("message"))["id"] == newest  # the pod holds it now
+    await watcher.close()
     url = f"{pod.url}/sse?channels={a},{b}"
     stream = await SseClient.open(url, headers={"Last-Event-ID": f"{a}=not-a-known-id"})
     subscribed, _ = await resumed(stream, [a, b], 0)
@@ -108,6 +112,26 @@ async def test_unknown_or_unreadable_positions_are_gaps(
     )
     subscribed, _ = await resumed(stream, [a, b], 0)
     assert subscribed[a]["recovered"] is True
+    await stream.close()
+
+
+async def test_a_rewind_serves_recent_messages_first_then_live(
+    cluster: LocalCluster, api: httpx.AsyncClient, channel: str
+) -> None:
+    pod = cluster.sockets[1]
+    watcher = await SseClient.open(f"{pod.url}/sse?channels={channel}")
+    await opened(watcher, 1)
+    sent = [await publish(api, channel, n) for n in range(3)]
+    assert [m["id"] for m in await watcher.messages(3)] == sent  # the pod holds them now
+    await watcher.close()
+    stream = await SseClient.open(f"{pod.url}/sse?channels={channel}&rewind_count=2")
+    assert (await stream.next("pod"))["pod"] == stream.pod
+    subscribed = await stream.next("subscribed")
+    assert subscribed["rewound"]["count"] == 2
+    assert [m["id"] for m in await stream.messages(2)] == sent[1:]
+    assert decode_positions(stream.last_event_id, 10) == {channel: sent[-1]}
+    live = await publish(api, channel, "live")
+    assert (await stream.next("message"))["id"] == live
     await stream.close()
 
 

@@ -279,3 +279,27 @@ test("presence queries go over HTTP with the token", async () => {
   assert.equal(call.init.headers.Authorization, `Bearer ${token}`);
   assert.deepEqual(ctx.events.of("presence"), [frame]);
 });
+
+test("rewinds go in the stream's query, for the channels that ask", async () => {
+  const ctx = sseSetup();
+  const seen = [];
+  ctx.client.subscribe("room:1", (m) => seen.push(m.id), { rewind: { count: 20 } });
+  ctx.client.subscribe("room:2", (m) => seen.push(m.id), { rewind: { count: 50, seconds: 60 } });
+  ctx.client.subscribe("room:3", () => {});
+  ctx.client.connect();
+  const es = await nextStream(ctx, 1);
+  assert.equal(es.params.get("rewind_count"), "50");
+  assert.equal(es.params.get("rewind_seconds"), "60");
+  assert.equal(es.params.get("rewind_channels"), "room:1,room:2");
+  es.open();
+  es.emit("pod", { type: "pod", pod: "pod-a" }, "room:2=@5,room:3=@5"); // room:1: rewinding
+  es.emit("subscribed", { ...subscribed("room:1", "r2"), rewound: { count: 2, complete: true } });
+  assert.equal(ctx.client.position("room:1"), null, "not before the rewind is in");
+  es.emit("message", msg("r1"), "room:1=r1,room:2=@5,room:3=@5");
+  es.emit("message", msg("r2"), "room:1=r2,room:2=@5,room:3=@5");
+  es.emit("subscribed", { ...subscribed("room:2", "@5"), rewound: { count: 0, complete: true } });
+  es.emit("subscribed", subscribed("room:3", "@5"));
+  assert.deepEqual(seen, ["r1", "r2"]);
+  assert.equal(ctx.client.position("room:1"), "r2");
+  assert.equal(ctx.client.position("room:2"), "@5");
+});

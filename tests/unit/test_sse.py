@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from services.core.closecodes import CloseCode
+from services.core.protocol import RewindSpec
 from services.socket.history import Entry
 from services.socket.http import parse_head
 from services.socket.sse import SSE, SseEndpoint, SseFraming, SseLimits, SseParts, SseSession
@@ -90,6 +91,7 @@ def open_stream(
     positions: dict[str, str] | None = None,
     presence: set[str] | None = None,
     ttl_s: float = 600,
+    rewind: tuple[RewindSpec, set[str]] | None = None,
     **limits: Any,
 ) -> Stream:
     transport = FakeTransport()
@@ -99,6 +101,7 @@ def open_stream(
         claims(ttl_s=ttl_s),
         channels,
         presence or set(),
+        rewind,
     )
     parts.registry.opened(session)
     session.start(positions if positions is not None else {})
@@ -206,6 +209,43 @@ async def test_an_unreadable_id_starts_every_channel_over_with_a_gap(parts: Part
     session.start(None)
     events = Stream(session, transport).events()
     assert [e["data"].get("recovered") for e in events[1:]] == [False, False]
+
+
+async def test_a_rewind_comes_first_and_the_id_names_its_channel_only_from_its_messages(
+    parts: Parts,
+) -> None:
+    for n in range(3):
+        parts.publish("room:1", n)  # m000001..3
+    rewind = (RewindSpec(count=2), {"room:1"})
+    stream = open_stream(parts, ["room:1", "room:2"], rewind=rewind)
+    events = stream.events()
+    assert [e["event"] for e in events] == ["pod", "subscribed", "message", "message", "subscribed"]
+    # Cut before the rewind's first message, the stream asks for the rewind again.
+    assert "room:1" not in decode_positions(events[0]["id"], 10)
+    assert events[1]["data"]["rewound"] == {"count": 2, "complete": True}
+    assert [e["data"]["id"] for e in events[2:4]] == ["m000002", "m000003"]
+    assert decode_positions(events[2]["id"], 10)["room:1"] == "m000002"
+    assert "rewound" not in events[4]["data"]  # room:2 asked for none
+    parts.publish("room:1", 4)
+    assert [m["data"]["id"] for m in stream.messages()] == ["m000004"]
+
+
+async def test_a_rewind_is_served_only_where_the_stream_cannot_resume(parts: Parts) -> None:
+    for n in range(3):
+        parts.publish("room:1", n)
+        parts.publish("room:2", n)  # room:1 odd ids, room:2 even
+    rewind = (RewindSpec(count=5), {"room:1", "room:2"})
+    stream = open_stream(
+        parts, ["room:1", "room:2"], {"room:1": "m000003", "room:2": "gone"}, rewind=rewind
+    )
+    await eventually(lambda: parts.hub.session_count("room:2") == 1)
+    events = stream.events()[1:]
+    answers = {e["data"]["channel"]: e["data"] for e in events if e["event"] == "subscribed"}
+    assert answers["room:1"]["recovered"] is True and "rewound" not in answers["room:1"]
+    assert answers["room:2"]["recovered"] is False
+    assert answers["room:2"]["rewound"] == {"count": 3, "complete": True}
+    ids = [e["data"]["id"] for e in events if e["event"] == "message"]
+    assert sorted(ids) == ["m000002", "m000004", "m000005", "m000006"]
 
 
 async def test_presence_events_only_on_the_chosen_channels(parts: Parts) -> None:
@@ -331,6 +371,12 @@ def status_of(payload: bytes | None) -> int:
         (f"/sse?channels=room:1,room:2,room:3&token={token()}", 400),  # over the limit of 2
         (f"/sse?channels=other:1&token={token()}", 403),
         (f"/sse?channels=room:1&presence=room:2&token={token()}", 400),
+        (f"/sse?channels=room:1&rewind_count=0&token={token()}", 400),
+        (f"/sse?channels=room:1&rewind_count=x&token={token()}", 400),
+        (f"/sse?channels=room:1&rewind_count=101&token={token()}", 400),  # REWIND_MAX_COUNT
+        (f"/sse?channels=room:1&rewind_seconds=999999&token={token()}", 400),
+        (f"/sse?channels=room:1&rewind_channels=room:1&token={token()}", 400),
+        (f"/sse?channels=room:1&rewind_count=5&rewind_channels=room:9&token={token()}", 400),
     ],
 )
 async def test_bad_requests_are_refused_before_the_stream(
