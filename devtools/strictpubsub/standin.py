@@ -783,15 +783,23 @@ class StandIn:
             if place is not None:
                 sub.owe(*place)
 
-    @staticmethod
-    def _hand_out(sub: SubState | None, stream: Stream, raw: bytes | None) -> bytes | None:
+    def _hand_out(self, sub: SubState | None, stream: Stream, raw: bytes | None) -> bytes | None:
         """The response to send the client, each key's messages in order (`SubState.release`);
         None when everything must wait."""
         if sub is None:
             return raw
         response = _StreamingPullResponse.FromString(raw) if raw is not None else None
         received = response.received_messages if response is not None else ()
+        was_blocked = len(stream.blocked)
         out = sub.release(stream, received)
+        if len(stream.blocked) > was_blocked:
+            self.refused["key_order_held"] += 1
+            log.info(
+                "%s: %d messages held back for their keys' order (%s)",
+                sub.path.rsplit("/", 1)[-1],
+                len(stream.blocked),
+                ", ".join(sorted({m.message.ordering_key for m in stream.blocked})),
+            )
         for item in out:
             place = _place(item.message)
             if place is not None and not item.ack_id.startswith(REPLAY_ACK_PREFIX):
