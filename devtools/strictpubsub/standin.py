@@ -11,6 +11,9 @@ What it adds to the emulator (docs/pubsub.md lists the same):
   anything else on the stream. Seeking forward drops what is older. (A seek does not redeliver
   what the subscription acked after its creation; pubsock never seeks that way.)
 - StreamingPull streams closed by the server now and then with UNAVAILABLE;
+- an ordering key's order across redeliveries, as the real service keeps it (`SubState.owed`):
+  the emulator queues a nacked message behind the key's messages already waiting, and hands out
+  a key's later messages while an earlier one is lost on a stream that ended;
 - TLS and an `authorization: Bearer` check against the tokens its fake GCE metadata server
   (admin.py) issued, with accounts that are refused (UNAUTHENTICATED, PERMISSION_DENIED);
 - controls for tests and the soak: close every stream now, answer UNAVAILABLE for a while, stall
@@ -27,7 +30,7 @@ import random
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +69,16 @@ def _now_ms() -> int:
 
 def _publish_ms(message: Any) -> int:
     return int(message.publish_time.seconds * 1000 + message.publish_time.nanos // 1_000_000)
+
+
+def _place(message: Any) -> tuple[str, int] | None:
+    """(ordering key, place in the key's order), or None for a message without a key. The
+    emulator numbers messages as they are published (pinned in test_strict_pubsub.py)."""
+    key: str = message.ordering_key
+    message_id: str = message.message_id
+    if not key or not message_id.isdigit():
+        return None
+    return key, int(message_id)
 
 
 @dataclass
@@ -131,6 +144,78 @@ class SubState:
     floor_ms: int  # messages published before this are not the subscription's
     replay: deque[Any] = field(default_factory=deque)  # PubsubMessages to deliver first
     streams: set[Stream] = field(default_factory=set)
+    # A key's messages that must come again before its later ones go out: given back from a
+    # stream that ended (None), or handed out there and not acknowledged (their ack id).
+    owed: dict[str, dict[int, str | None]] = field(default_factory=dict)  # key -> {seq: ack id}
+    owed_acks: dict[str, tuple[str, int]] = field(default_factory=dict)  # ack id -> (key, seq)
+
+    def owe(self, key: str, seq: int, ack_id: str | None = None) -> None:
+        owed = self.owed.setdefault(key, {})
+        if ack_id is None:
+            owed.setdefault(seq, None)
+            return
+        previous = owed.get(seq)
+        if previous is not None:
+            self.owed_acks.pop(previous, None)
+        owed[seq] = ack_id
+        self.owed_acks[ack_id] = (key, seq)
+
+    def settle(self, key: str, seq: int) -> bool:
+        """`seq` of `key` came again or was acknowledged; True if that may free later ones."""
+        owed = self.owed.get(key)
+        if owed is None or seq not in owed:
+            return False
+        ack_id = owed.pop(seq)
+        if ack_id is not None:
+            self.owed_acks.pop(ack_id, None)
+        if not owed:
+            del self.owed[key]
+        return True
+
+    def acknowledged(self, ack_ids: Iterable[str]) -> None:
+        """The client acknowledged these (on a stream, or unary after its stream ended)."""
+        settled = False
+        for ack_id in ack_ids:
+            for stream in self.streams:
+                stream.acknowledged(ack_id)
+            owed = self.owed_acks.get(ack_id)
+            if owed is not None:
+                settled |= self.settle(*owed)
+        if settled:
+            self.wake()
+
+    def release(self, stream: Stream, received: Iterable[Any]) -> list[Any]:
+        """What of `received` and of what `stream` holds back may go to its client now: a
+        message waits while an earlier one of its key is owed. Each key goes out in order."""
+        waiting = [*stream.blocked, *received]
+        stream.blocked = []
+        out: list[Any] = []
+        gated: dict[str, list[tuple[int, Any]]] = {}
+        for item in waiting:
+            place = _place(item.message)
+            if place is not None and place[0] in self.owed:
+                gated.setdefault(place[0], []).append((place[1], item))
+            else:
+                out.append(item)
+        settled = False
+        for key, items in gated.items():
+            items.sort(key=lambda pair: pair[0])
+            for i, (seq, item) in enumerate(items):
+                owed = self.owed.get(key)
+                if owed and min(owed) < seq:
+                    stream.blocked.extend(later for _, later in items[i:])
+                    break
+                settled |= self.settle(key, seq)
+                out.append(item)
+        if settled:
+            self.wake(but=stream)
+        return out
+
+    def wake(self, but: Stream | None = None) -> None:
+        """Streams holding messages back look again."""
+        for stream in self.streams:
+            if stream is not but and stream.blocked:
+                stream.events.put_nowait(("recheck",))
 
 
 class Stream:
@@ -143,6 +228,22 @@ class Stream:
         self.stalled = False
         self.unstalled = asyncio.Event()
         self.pending = 0  # messages received upstream, not yet sent to the client
+        # Handed out and not acknowledged: ack id -> (key, seq), and each message's latest ack id.
+        self.unacked: dict[str, tuple[str, int]] = {}
+        self.handed: dict[tuple[str, int], str] = {}
+        self.blocked: list[Any] = []  # ReceivedMessages waiting for an earlier one of their key
+
+    def handed_out(self, ack_id: str, place: tuple[str, int]) -> None:
+        earlier = self.handed.get(place)
+        if earlier is not None:  # a copy handed out again: its latest ack id counts
+            self.unacked.pop(earlier, None)
+        self.handed[place] = ack_id
+        self.unacked[ack_id] = place
+
+    def acknowledged(self, ack_id: str) -> None:
+        place = self.unacked.pop(ack_id, None)
+        if place is not None and self.handed.get(place) == ack_id:
+            del self.handed[place]
 
     def close(self, code: grpc.StatusCode, details: str) -> None:
         self.unstalled.set()
@@ -477,6 +578,9 @@ class StandIn:
         """Acknowledge or ModifyAckDeadline: the size rule, then upstream without the
         stand-in's own replay ids (answered here when nothing else is left)."""
         await self._check(context, "ack_size", check_ack_ids(request.ack_ids))
+        sub = self._subs.get(request.subscription)
+        if sub is not None and method == SUBSCRIBER + "Acknowledge":
+            sub.acknowledged(request.ack_ids)  # e.g. acks sent again after a stream ended
         request = _strip_replay_acks(request)
         if not request.ack_ids:
             return _EMPTY
@@ -506,7 +610,7 @@ class StandIn:
         call = self._channel.stream_stream(SUBSCRIBER + "StreamingPull")(upstream_stream())
         loop = asyncio.get_running_loop()
         tasks = [
-            loop.create_task(self._from_client(requests, stream, upstream_requests)),
+            loop.create_task(self._from_client(requests, sub, stream, upstream_requests)),
             loop.create_task(self._from_upstream(call, sub, stream, upstream_requests)),
         ]
         lifetime = None
@@ -540,9 +644,12 @@ class StandIn:
                     else:
                         held = None
                 kind = event[0]
-                if kind == "response":
-                    stream.pending -= event[2]
-                    yield event[1]
+                if kind == "response" or kind == "recheck":
+                    if kind == "response":
+                        stream.pending -= event[2]
+                    out = self._hand_out(sub, stream, event[1] if kind == "response" else None)
+                    if out is not None:
+                        yield out
                 elif kind == "close":
                     self.refused[
                         "stream_closed"
@@ -571,10 +678,22 @@ class StandIn:
             pending = ([held] if held is not None else []) + parked
             while not stream.events.empty():
                 pending.append(stream.events.get_nowait())
+            given_back = list(stream.blocked)
             for event in pending:
                 if event[0] == "response":
                     response = _StreamingPullResponse.FromString(event[1])
-                    undelivered.extend(m.ack_id for m in response.received_messages)
+                    given_back.extend(response.received_messages)
+            undelivered.extend(m.ack_id for m in given_back)
+            if sub is not None:
+                # The emulator hands them out again behind what waits for their keys, or (those
+                # handed out and not acknowledged: lost in transit, say) at the ack deadline,
+                # after the keys' later messages: until they come again, those wait.
+                self._owe(sub, given_back)
+                for ack_id, (key, seq) in stream.unacked.items():
+                    sub.owe(key, seq, ack_id)
+            stream.unacked.clear()
+            stream.handed.clear()
+            stream.blocked.clear()
             if undelivered:  # let the emulator hand them out again now, not after the deadline
                 self._spawn(self._nack(first.subscription, undelivered))
             self._spawn(self._retire(call, tasks[1]))
@@ -591,6 +710,7 @@ class StandIn:
     async def _from_client(
         self,
         requests: AsyncIterator[bytes],
+        sub: SubState | None,
         stream: Stream,
         upstream_requests: asyncio.Queue[bytes | None],
     ) -> None:
@@ -602,6 +722,8 @@ class StandIn:
                     self.refused["ack_size"] += 1
                     stream.close(*refusal)
                     return
+                if sub is not None and request.ack_ids:
+                    sub.acknowledged(request.ack_ids)
                 upstream_requests.put_nowait(_strip_replay_acks(request).SerializeToString())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
@@ -618,6 +740,8 @@ class StandIn:
             async for raw in call:
                 response = _StreamingPullResponse.FromString(raw)
                 if stream.ended:
+                    if sub is not None:
+                        self._owe(sub, response.received_messages)
                     self._spawn(
                         self._nack(
                             stream.subscription, [m.ack_id for m in response.received_messages]
@@ -633,6 +757,9 @@ class StandIn:
                 for received in response.received_messages:
                     if _publish_ms(received.message) < sub.floor_ms:
                         dropped.append(received.ack_id)
+                        place = _place(received.message)
+                        if place is not None and sub.settle(*place):  # it never goes out
+                            sub.wake()
                     else:
                         kept.append(received)
                 if dropped:  # not this subscription's: published before its creation or seek
@@ -648,6 +775,43 @@ class StandIn:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 stream.close(exc.code(), exc.details() or "")
+
+    @staticmethod
+    def _owe(sub: SubState, given_back: Iterable[Any]) -> None:
+        for received in given_back:
+            place = _place(received.message)
+            if place is not None:
+                sub.owe(*place)
+
+    def _hand_out(self, sub: SubState | None, stream: Stream, raw: bytes | None) -> bytes | None:
+        """The response to send the client, each key's messages in order (`SubState.release`);
+        None when everything must wait."""
+        if sub is None:
+            return raw
+        response = _StreamingPullResponse.FromString(raw) if raw is not None else None
+        received = response.received_messages if response is not None else ()
+        was_blocked = len(stream.blocked)
+        out = sub.release(stream, received)
+        if len(stream.blocked) > was_blocked:
+            self.refused["key_order_held"] += 1
+            log.info(
+                "%s: %d messages held back for their keys' order (%s)",
+                sub.path.rsplit("/", 1)[-1],
+                len(stream.blocked),
+                ", ".join(sorted({m.message.ordering_key for m in stream.blocked})),
+            )
+        for item in out:
+            place = _place(item.message)
+            if place is not None and not item.ack_id.startswith(REPLAY_ACK_PREFIX):
+                stream.handed_out(item.ack_id, place)
+        if not out:
+            return None
+        if raw is not None and [m.ack_id for m in out] == [m.ack_id for m in received]:
+            return raw  # as received
+        answer = _StreamingPullResponse()
+        answer.received_messages.extend(out)
+        serialized: bytes = answer.SerializeToString()
+        return serialized
 
     async def _nack(self, subscription: str, ack_ids: list[str]) -> None:
         upstream = [a for a in ack_ids if not a.startswith(REPLAY_ACK_PREFIX)]

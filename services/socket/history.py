@@ -81,12 +81,16 @@ class History:
         max_channels: int,
         position_slack_ms: int,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        stream_ms: Callable[[], int] | None = None,
     ) -> None:
         self.size = size
         self.age_ms = int(age_s * 1000)
         self.max_channels = max_channels
         self.position_slack_ms = position_slack_ms
         self._clock_ms = clock_ms
+        # What this pod has processed of the stream (the pod passes its pump's), no later than
+        # the clock: a position is never ahead of the messages this pod has received.
+        self._stream_ms = stream_ms or clock_ms
         self._channels: OrderedDict[str, ChannelHistory] = OrderedDict()
         self._seq = 0
         self._messages = 0
@@ -181,11 +185,19 @@ class History:
 
     # -- positions and recovery ------------------------------------------------------------
     def position(self, channel: str) -> str:
-        """Where the channel stands here: its newest id, or `@<now ms>` when no id can anchor."""
+        """Where the channel stands here: its newest id, or `@<ms>` when no id can anchor, at
+        the stream time (`now_ms`)."""
         history = self._channels.get(channel)
         if history and history.entries and history.entries[-1].seq >= self.break_seq:
             return history.entries[-1].id
-        return f"{POSITION_PREFIX}{self._clock_ms()}"
+        return f"{POSITION_PREFIX}{self.now_ms()}"
+
+    def now_ms(self) -> int:
+        """The time this pod's positions are stamped with: how far it has processed its stream,
+        never the wall clock alone. A pod whose stream is stalled or deaf must not hand out a
+        position past messages it has not received: a client resuming from it on another pod
+        would skip them, told `recovered: true` (found by make soak)."""
+        return min(self._clock_ms(), self._stream_ms())
 
     def _complete_after_ms(self, channel: str) -> int:
         history = self._channels.get(channel)

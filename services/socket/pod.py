@@ -64,6 +64,7 @@ class Pod:
             age_s=settings.history_age_s,
             max_channels=settings.history_max_channels,
             position_slack_ms=settings.position_slack_ms,
+            stream_ms=self._stream_ms,
         )
         self.broker = broker or create_broker(settings)
         self.hub = Hub(self.history, metrics, settings.recovery_wait_s)
@@ -160,6 +161,12 @@ class Pod:
     @property
     def ready(self) -> bool:
         return self.lifecycle.ready
+
+    def _stream_ms(self) -> int:
+        """The newest publish time this pod's stream has brought (presence announcements keep
+        it within a second or so of the clock while the stream flows)."""
+        heard = self.pump.heard_ms
+        return heard if heard else int(time.time() * 1000)
 
     @property
     def port(self) -> int:

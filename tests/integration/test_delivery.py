@@ -10,6 +10,7 @@ import orjson
 
 from devtools.cluster import PROJECT, TOPIC, LocalCluster, emulator_env
 from services.core.ids import new_message_id
+from tests.integration.conftest import TEST_SOCKET_ENV
 from tests.support import WsClient
 
 
@@ -203,3 +204,33 @@ async def test_recovery_waits_for_an_id_this_pod_has_not_seen_yet(cluster, api, 
     frame = await subscribe
     assert frame["recovered"] is True
     assert (await client.next("message"))["id"] == after
+
+
+async def test_a_position_from_a_pod_behind_its_stream_loses_nothing_elsewhere(
+    cluster, api, channel
+):
+    """A pod whose stream is stalled hands out positions no newer than what it has processed:
+    resumed on another pod, the message it never got is delivered (found by make soak: an empty
+    channel's `@<ms>` position, and socket.io's offsets, were stamped with the wall clock, so a
+    client resumed past messages its pod had not received yet, `recovered: true`)."""
+    behind, other = cluster.sockets
+    assert cluster.strict is not None
+    witness = await WsClient.connect(other.ws_url)
+    await witness.subscribe(channel)
+    stalled = cluster.strict.control("stall", subscription=f"pubsock-{behind.env['POD_NAME']}-")
+    assert stalled["stalled"] >= 1, stalled
+    try:
+        missed = await publish(api, channel, "the stalled pod never gets this")
+        assert (await witness.next("message"))["id"] == missed
+        # A position is "after <ms> minus POSITION_SLACK_MS": let the slack pass, so that a
+        # position stamped with the wall clock would lie after the missed message.
+        slack_s = int(TEST_SOCKET_ENV["POSITION_SLACK_MS"]) / 1000
+        await asyncio.sleep(slack_s + 0.3)
+        client = await WsClient.connect(behind.ws_url)
+        position = (await client.subscribe(channel))["position"]
+    finally:
+        cluster.strict.control("unstall")
+    moved = await WsClient.connect(other.ws_url)
+    answer = await moved.subscribe(channel, since=position)
+    if answer["recovered"]:
+        assert (await moved.next("message"))["id"] == missed

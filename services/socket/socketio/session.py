@@ -626,7 +626,7 @@ class SioSession(EngineSession):
         return packet if suffix is None else self.ctx.frames.with_rooms(packet, suffix)[0]
 
     def _offset(self, room: str | None, position: str | None) -> str:
-        offset = state_offset(room, position, _now_ms())
+        offset = state_offset(room, position, self.ctx.history.now_ms())
         suffix = self.rooms_suffix
         return offset if suffix is None else offset + suffix.decode()
 
