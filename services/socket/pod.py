@@ -29,14 +29,15 @@ from services.socket.history import History
 from services.socket.hub import Hub
 from services.socket.lifecycle import Lifecycle
 from services.socket.metrics import SocketMetrics
+from services.socket.parts import SessionLimits, SessionParts
 from services.socket.presence import Presence
 from services.socket.pump import Pump
 from services.socket.routes import Routes
-from services.socket.session import NativeEndpoint, NativeParts, SessionLimits
+from services.socket.session import NativeEndpoint
 from services.socket.sessions import SessionRegistry
 from services.socket.settings import SocketSettings
 from services.socket.socketio import SocketIOServer
-from services.socket.sse import SseEndpoint, SseLimits, SseParts
+from services.socket.sse import SseEndpoint
 from services.socket.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -108,32 +109,19 @@ class Pod:
             if settings.socketio_enabled
             else None
         )
-        native = NativeEndpoint(
-            NativeParts(
-                hub=self.hub,
-                presence=self.presence,
-                access=self.access,
-                registry=sessions,
-                metrics=metrics,
-                limits=SessionLimits.from_settings(settings),
-                spawn=self.tasks.spawn,
-            )
+        parts = SessionParts(
+            hub=self.hub,
+            presence=self.presence,
+            access=self.access,
+            registry=sessions,
+            metrics=metrics,
+            limits=SessionLimits.from_settings(settings),
+            spawn=self.tasks.spawn,
         )
+        native = NativeEndpoint(parts)
         endpoints: list[Endpoint] = []
         if settings.sse_enabled:
-            endpoints.append(
-                SseEndpoint(
-                    SseParts(
-                        hub=self.hub,
-                        presence=self.presence,
-                        access=self.access,
-                        registry=sessions,
-                        metrics=metrics,
-                        limits=SseLimits.from_settings(settings),
-                        spawn=self.tasks.spawn,
-                    )
-                )
-            )
+            endpoints.append(SseEndpoint(parts))
         if self.socketio is not None:
             endpoints.append(self.socketio)
         endpoints.append(native)

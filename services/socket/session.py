@@ -14,9 +14,6 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from websockets.server import ServerProtocol
@@ -39,55 +36,16 @@ from services.core.protocol import (
     subscribed_frame,
     unsubscribed_frame,
 )
-from services.socket.access import Access, Refusal, TokenRefused
+from services.socket.access import Refusal, TokenRefused
 from services.socket.delivery import NATIVE, Framing, Wire
 from services.socket.endpoint import HttpConnection
 from services.socket.guards import Flood, FloodGuard, TokenExpiry
 from services.socket.http import Request, json_response
-from services.socket.hub import Hub
-from services.socket.metrics import SocketMetrics
-from services.socket.presence import Presence
-from services.socket.sessions import SessionRegistry
-from services.socket.settings import SocketSettings
+from services.socket.parts import SessionParts
 from services.socket.wsframe import text_frame
 from services.socket.wslink import WsLink
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    """The settings a native session reads."""
-
-    pod_name: str
-    max_connection_age_s: float
-    send_buffer_max_bytes: int
-    client_frames_per_s: float
-    client_frames_burst: int
-    max_subscriptions_per_connection: int
-    presence_members_max: int
-    close_timeout_s: float
-    ping_interval_s: float
-    ping_timeout_s: float
-    rewind_max_count: int
-    rewind_max_s: float
-
-    @classmethod
-    def from_settings(cls, settings: SocketSettings) -> SessionLimits:
-        return cls(**{name: getattr(settings, name) for name in cls.__slots__})
-
-
-@dataclass(frozen=True, slots=True)
-class NativeParts:
-    """What every native session of a pod shares (built by the pod)."""
-
-    hub: Hub
-    presence: Presence
-    access: Access
-    registry: SessionRegistry
-    metrics: SocketMetrics
-    limits: SessionLimits
-    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
 
 
 class Session:
@@ -114,7 +72,7 @@ class Session:
 
     def __init__(
         self,
-        parts: NativeParts,
+        parts: SessionParts,
         transport: asyncio.Transport,
         protocol: ServerProtocol,
         claims: Claims | None,
@@ -391,7 +349,7 @@ class NativeEndpoint:
     """`/ws`: admits a websocket upgrade (readiness, origin, capacity, token) and opens a
     `Session` on it."""
 
-    def __init__(self, parts: NativeParts) -> None:
+    def __init__(self, parts: SessionParts) -> None:
         self._parts = parts
 
     def handles(self, request: Request) -> bool:

@@ -25,9 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -35,17 +33,13 @@ from services.core.auth import Claims
 from services.core.channels import is_valid_channel
 from services.core.closecodes import CloseCode
 from services.core.protocol import ProtocolError, RewindSpec, subscribed_frame
-from services.socket.access import Access, Refusal, TokenRefused
+from services.socket.access import Refusal, TokenRefused
 from services.socket.delivery import Framing, Wire
 from services.socket.endpoint import HttpConnection
 from services.socket.guards import TokenExpiry
 from services.socket.history import Entry, Rewind
 from services.socket.http import Request, json_response, response, stream_head
-from services.socket.hub import Hub
-from services.socket.metrics import SocketMetrics
-from services.socket.presence import Presence
-from services.socket.sessions import SessionRegistry
-from services.socket.settings import SocketSettings
+from services.socket.parts import SessionParts
 from services.socket.sse_id import BadEventId, decode_positions
 
 log = logging.getLogger(__name__)
@@ -125,38 +119,6 @@ class SseFraming:
 SSE = SseFraming()
 
 
-@dataclass(frozen=True, slots=True)
-class SseLimits:
-    """The settings an SSE session reads."""
-
-    pod_name: str
-    max_connection_age_s: float
-    send_buffer_max_bytes: int
-    max_subscriptions_per_connection: int
-    presence_members_max: int
-    close_timeout_s: float
-    sse_keepalive_s: float
-    rewind_max_count: int
-    rewind_max_s: float
-
-    @classmethod
-    def from_settings(cls, settings: SocketSettings) -> SseLimits:
-        return cls(**{name: getattr(settings, name) for name in cls.__slots__})
-
-
-@dataclass(frozen=True, slots=True)
-class SseParts:
-    """What every SSE session of a pod shares (built by the pod)."""
-
-    hub: Hub
-    presence: Presence
-    access: Access
-    registry: SessionRegistry
-    metrics: SocketMetrics
-    limits: SseLimits
-    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
-
-
 class SseSession:
     __slots__ = (
         "_around",
@@ -186,7 +148,7 @@ class SseSession:
 
     def __init__(
         self,
-        parts: SseParts,
+        parts: SessionParts,
         transport: asyncio.Transport,
         claims: Claims | None,
         channels: list[str],
@@ -463,7 +425,7 @@ class StreamRequest:
 class SseEndpoint:
     """`GET /sse` (a stream) and `GET /sse/presence` (a presence query)."""
 
-    def __init__(self, parts: SseParts) -> None:
+    def __init__(self, parts: SessionParts) -> None:
         self._parts = parts
         registry = parts.registry
         parts.metrics.sse_sessions.set_function(

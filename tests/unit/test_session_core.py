@@ -29,9 +29,10 @@ from services.socket.history import History
 from services.socket.http import Request
 from services.socket.hub import Hub
 from services.socket.metrics import SocketMetrics
+from services.socket.parts import SessionLimits, SessionParts
 from services.socket.presence import Presence
 from services.socket.pump import Pump
-from services.socket.session import NativeParts, Session, SessionLimits
+from services.socket.session import Session
 from services.socket.sessions import SessionRegistry
 from services.socket.settings import SocketSettings
 from services.socket.socketio.engine import WsTransport
@@ -119,7 +120,7 @@ class Parts:
             NamespaceLabeler(frozenset({"room"})),
         )
         self.pump.live_from_ms = 0
-        self.native = NativeParts(
+        self.native = SessionParts(
             self.hub,
             self.presence,
             self.access,

@@ -13,7 +13,8 @@ from services.core.closecodes import CloseCode
 from services.core.protocol import RewindSpec
 from services.socket.history import Entry
 from services.socket.http import parse_head
-from services.socket.sse import SSE, SseEndpoint, SseFraming, SseLimits, SseParts, SseSession
+from services.socket.parts import SessionLimits, SessionParts
+from services.socket.sse import SSE, SseEndpoint, SseFraming, SseSession
 from services.socket.sse_id import BadEventId, decode_positions, encode_positions
 from tests.support import SseParser, eventually
 from tests.unit.test_session_core import BUDGET, FakeTransport, Parts, claims, token
@@ -72,15 +73,15 @@ class Stream:
         return [e for e in self.events() if e["event"] == "message"]
 
 
-def sse_parts(parts: Parts, **limits: Any) -> SseParts:
+def sse_parts(parts: Parts, **limits: Any) -> SessionParts:
     settings = parts.settings.model_copy(update=limits)
-    return SseParts(
+    return SessionParts(
         parts.hub,
         parts.presence,
         parts.access,
         parts.registry,
         parts.metrics,
-        SseLimits.from_settings(settings),
+        SessionLimits.from_settings(settings),
         parts.tasks.spawn,
     )
 
