@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -132,13 +133,22 @@ async def test_publish_rate_limit_is_429_with_retry_after(secure, sapi):
     assert (
         await sapi.post("/v1/messages", json={"messages": items}, headers=auth)
     ).status_code == 202
-    limited = await sapi.post("/v1/channels/rate:1/messages", json={"data": 1}, headers=auth)
-    assert limited.status_code == 429
+    # The burst is spent; at 20/s a token comes back every 50 ms, so a single request on a slow
+    # machine may find one. Ten at once cannot all.
+    answers = await asyncio.gather(
+        *(
+            sapi.post("/v1/channels/rate:1/messages", json={"data": 1}, headers=auth)
+            for _ in range(10)
+        )
+    )
+    codes = [answer.status_code for answer in answers]
+    assert set(codes) <= {202, 429} and 429 in codes, codes
+    limited = next(answer for answer in answers if answer.status_code == 429)
     assert int(limited.headers["retry-after"]) >= 1
     other = await sapi.post("/v1/channels/rate:1/messages", json={"data": 1}, headers=KEY)
     assert other.status_code == 202  # per credential
     metrics = (await sapi.get("/metrics")).text
-    assert "pubsock_rate_limited_total 1.0" in metrics
+    assert f"pubsock_rate_limited_total {float(codes.count(429))}" in metrics
 
 
 async def test_cors_for_allowed_origins_only(sapi):
