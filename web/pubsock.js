@@ -160,17 +160,22 @@ function defaultSocketUrl() {
   return `${loc.protocol === "https:" ? "wss" : "ws"}://${loc.host}/ws`;
 }
 
-function sseUrlFor(wsUrl) {
+/** The http(s) URL of `path` on the pod behind a websocket URL (`path` alone if unparsable). */
+function httpUrlFor(wsUrl, path) {
   try {
     const url = new URL(wsUrl);
     url.protocol = url.protocol === "wss:" ? "https:" : "http:";
-    url.pathname = "/sse";
+    url.pathname = path;
     url.search = "";
     url.hash = "";
     return url.toString();
   } catch {
-    return "/sse";
+    return path;
   }
+}
+
+function sseUrlFor(wsUrl) {
+  return httpUrlFor(wsUrl, "/sse");
 }
 
 function presenceUrlFor(sseUrl) {
@@ -186,16 +191,7 @@ function presenceUrlFor(sseUrl) {
 }
 
 function configUrlFor(wsUrl) {
-  try {
-    const url = new URL(wsUrl);
-    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
-    url.pathname = "/config.json";
-    url.search = "";
-    url.hash = "";
-    return url.toString();
-  } catch {
-    return "/config.json";
-  }
+  return httpUrlFor(wsUrl, "/config.json");
 }
 
 function swallow(promise) {

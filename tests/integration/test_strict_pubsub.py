@@ -6,6 +6,7 @@ the end) accepted by the emulator itself, so a new emulator version that changes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -190,6 +191,26 @@ async def held_back(strict: StrictPubSub, count: int) -> None:
     )
 
 
+@contextlib.asynccontextmanager
+async def two_held_by_a_stall(
+    strict: StrictPubSub, channel: grpc.aio.Channel, key: str
+) -> AsyncIterator[tuple[str, Puller]]:
+    """A subscription whose stream got `one`, then was stalled while `two` and `three` came:
+    both held by the stand-in. Yields the subscription and that first stream's puller."""
+    subscription = await create_subscription(channel)
+    first = Puller(channel, subscription)
+    await publish(channel, message(b"one", key=key))
+    assert await first.take(1, key) == [b"one"]
+    strict.control("stall", subscription=subscription.rsplit("/", 1)[-1])
+    try:
+        await publish(channel, message(b"two", key=key))
+        await publish(channel, message(b"three", key=key))
+        await held_back(strict, 2)  # both reached the stand-in, held by the stall
+        yield subscription, first
+    finally:
+        strict.control("unstall")
+
+
 REFUSED_PUBLISHES = {
     "mixed ordering keys": (
         [message(key="a"), message(key="b")],
@@ -347,24 +368,14 @@ async def test_what_a_stall_held_back_comes_again_first_in_order(strict, channel
     later ones (found by make soak: the message the stall was holding came back only after
     the ack deadline, behind later messages of its channel)."""
     channel = channel_to()
-    subscription = await create_subscription(channel)
     key = unique_name("stall")
-    first = Puller(channel, subscription)
-    await publish(channel, message(b"one", key=key))
-    assert await first.take(1, key) == [b"one"]
-    strict.control("stall", subscription=subscription.rsplit("/", 1)[-1])
-    try:
-        await publish(channel, message(b"two", key=key))
-        await publish(channel, message(b"three", key=key))
-        await held_back(strict, 2)  # both reached the stand-in, held by the stall
+    async with two_held_by_a_stall(strict, channel, key) as (subscription, first):
         first.close()
         second = Puller(channel, subscription)
         await publish(channel, message(b"four", key=key))
         # well within the 60 s ack deadline: nothing waits for it
         assert await second.take(3, key, timeout_s=15) == [b"two", b"three", b"four"]
         second.close()
-    finally:
-        strict.control("unstall")
 
 
 async def test_a_stalled_stream_that_is_closed_gives_back_what_it_held(strict, channel_to):
@@ -373,16 +384,8 @@ async def test_a_stalled_stream_that_is_closed_gives_back_what_it_held(strict, c
     messages were lost in transit and came back only after the ack deadline, behind later ones
     of their channel)."""
     channel = channel_to()
-    subscription = await create_subscription(channel)
     key = unique_name("stall-close")
-    first = Puller(channel, subscription)
-    await publish(channel, message(b"one", key=key))
-    assert await first.take(1, key) == [b"one"]
-    strict.control("stall", subscription=subscription.rsplit("/", 1)[-1])
-    try:
-        await publish(channel, message(b"two", key=key))
-        await publish(channel, message(b"three", key=key))
-        await held_back(strict, 2)
+    async with two_held_by_a_stall(strict, channel, key) as (subscription, first):
         strict.control("close-streams")
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             async with asyncio.timeout(10):
@@ -396,8 +399,6 @@ async def test_a_stalled_stream_that_is_closed_gives_back_what_it_held(strict, c
         await publish(channel, message(b"four", key=key))
         assert await second.take(3, key, timeout_s=15) == [b"two", b"three", b"four"]
         second.close()
-    finally:
-        strict.control("unstall")
 
 
 async def test_what_a_stall_held_comes_again_before_the_keys_later_messages(strict, channel_to):

@@ -109,8 +109,10 @@ async def closed(socket: ClientConnection) -> None:
         await socket.wait_closed()
 
 
-async def upgraded(socket: ClientConnection) -> None:
-    """A websocket ping after `2probe` and `5`: its pong means the pod has handled both."""
+async def upgrade(socket: ClientConnection) -> None:
+    """Sends `2probe` and `5`, then a websocket ping: its pong means the pod has handled both."""
+    await socket.send("2probe")
+    await socket.send("5")
     pong = await socket.ping()
     async with asyncio.timeout(DEADLINE_S):
         await pong
@@ -332,9 +334,7 @@ async def test_engineio_upgrade_should_ignore_http_requests_with_same_sid_after_
     sid = await open_polling(http)
     socket = await connect(ws_url(pod, EIO="4", transport="websocket", sid=sid))
     try:
-        await socket.send("2probe")
-        await socket.send("5")
-        await upgraded(socket)
+        await upgrade(socket)
         poll = await http.get(eio(EIO="4", transport="polling", sid=sid))
         assert poll.status_code == 400
     finally:
@@ -348,9 +348,7 @@ async def test_engineio_upgrade_should_ignore_websocket_connection_with_same_sid
     sid = await open_polling(http)
     socket = await connect(ws_url(pod, EIO="4", transport="websocket", sid=sid))
     try:
-        await socket.send("2probe")
-        await socket.send("5")
-        await upgraded(socket)
+        await upgrade(socket)
         second = await connect(ws_url(pod, EIO="4", transport="websocket", sid=sid))
         await closed(second)
         messages = [await receive(socket) for _ in range(2)]
