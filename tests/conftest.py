@@ -7,13 +7,10 @@ socket pods check tokens with another secret overrides `token_secret`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import pytest
 
-from tests.support import TOKEN_SECRET, mint, unique_channel
-
-Mint = Callable[..., str]
+from tests.support import TOKEN_SECRET, Mint, mint, unique_channel
 
 
 @pytest.fixture

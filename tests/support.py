@@ -190,6 +190,16 @@ async def wait_metric(
 # -- a websocket client ----------------------------------------------------------------------
 
 
+async def assert_nothing_in(queue: asyncio.Queue[Any], within_s: float, what: str) -> None:
+    """Nothing comes out of `queue` for `within_s`: a quiet moment is what is tested."""
+    try:
+        async with asyncio.timeout(within_s):
+            item = await queue.get()
+    except TimeoutError:
+        return
+    raise AssertionError(f"unexpected {what}: {item!r}")
+
+
 class WsClient:
     """A real websocket client; frames are parsed and queued as they arrive."""
 
@@ -251,12 +261,7 @@ class WsClient:
 
     async def assert_quiet(self, within_s: float = 0.5) -> None:
         """No frame arrives for a moment (used only after everything expected has arrived)."""
-        try:
-            async with asyncio.timeout(within_s):
-                frame = await self.frames.get()
-        except TimeoutError:
-            return
-        raise AssertionError(f"unexpected frame: {frame}")
+        await assert_nothing_in(self.frames, within_s, "frame")
 
     async def wait_closed(self, timeout: float = DEFAULT_TIMEOUT_S) -> int | None:
         async with asyncio.timeout(timeout):
@@ -384,14 +389,63 @@ class SseClient:
             await self.ended.wait()
 
     async def assert_quiet(self, within_s: float = 0.5) -> None:
-        try:
-            async with asyncio.timeout(within_s):
-                parsed = await self.events.get()
-        except TimeoutError:
-            return
-        raise AssertionError(f"unexpected event: {parsed}")
+        """No event arrives for a moment (used only after everything expected has arrived)."""
+        await assert_nothing_in(self.events, within_s, "event")
 
     async def close(self) -> None:
         await self.response.aclose()
         await self.http.aclose()
         await asyncio.gather(self._reader, return_exceptions=True)
+
+
+# -- publishing over HTTP ----------------------------------------------------------------------
+async def publish(api: httpx.AsyncClient, channel: str, data: object, **extra: object) -> str:
+    response = await api.post(f"/v1/channels/{channel}/messages", json={"data": data, **extra})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["channel"] == channel
+    return body["id"]
+
+
+class Publisher:
+    """Publishes to one channel at a steady rate until stopped; records every accepted id."""
+
+    def __init__(self, api_url: str, channel: str, rate_per_s: float) -> None:
+        self.api_url = api_url
+        self.channel = channel
+        self.interval_s = 1 / rate_per_s
+        self.accepted: list[str] = []
+        self.unavailable = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.api_url, timeout=10) as api:
+            n = 0
+            while not self._stop.is_set():
+                response = await api.post(f"/v1/channels/{self.channel}/messages", json={"data": n})
+                if response.status_code == 202:
+                    self.accepted.append(response.json()["id"])
+                else:
+                    assert response.status_code == 503, response.text
+                    self.unavailable += 1
+                n += 1
+                await asyncio.sleep(self.interval_s)  # the pace of the load, not a wait
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def accepted_at_least(self, count: int, timeout_s: float = 10) -> None:
+        await eventually(
+            lambda: len(self.accepted),
+            timeout_s,
+            f"{count} accepted publishes",
+            interval_s=0.05,
+            until=lambda accepted: accepted >= count,
+        )
+
+    async def stop(self) -> list[str]:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        return self.accepted

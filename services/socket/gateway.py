@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import Counter
 from websockets.datastructures import Headers
@@ -44,8 +43,7 @@ class Gateway:
     header_timeout_s: float
     keepalive_s: float
     endpoints: Sequence[Endpoint]
-    routes: Callable[[Request], bytes | Coroutine[Any, Any, bytes]]
-    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+    routes: Callable[[Request], bytes]
     handshake_rejections: Counter
     connections: set[Connection] = field(default_factory=set)
 
@@ -136,15 +134,7 @@ class Connection(asyncio.Protocol):
             self._answered(request, payload, resume=False)
 
     def _answer(self, request: Request) -> None:
-        assert self._transport is not None
-        result = self._gateway.routes(request)
-        if not isinstance(result, bytes):
-            self._handling = True
-            task = self._gateway.spawn(result)
-            task.add_done_callback(lambda t: self._answered(request, t.result()))
-            return
-        assert isinstance(result, bytes)
-        self._answered(request, result, resume=False)
+        self._answered(request, self._gateway.routes(request), resume=False)
 
     def _answered(self, request: Request, payload: bytes, resume: bool = True) -> None:
         assert self._transport is not None

@@ -53,12 +53,13 @@ class Hub:
         built: dict[Framing, bytes] | None = None  # other framings', once each
         if self._batching:
             pending = self._pending
-            built = {}
             for session in sessions:
                 framing = session.framing
                 if framing is NATIVE:
                     frame = native_frame
                 else:
+                    if built is None:
+                        built = {}
                     frame = _framed(framing, channel, entry, built)
                 frames = pending.get(session)
                 if frames is None:
@@ -199,18 +200,14 @@ class Hub:
                 if frame is not None:
                     session.send_raw(frame)
 
-    def all_sessions(self) -> set[Subscriber]:
-        return {s for sessions in self._channels.values() for s in sessions}
-
     def session_count(self, channel: str) -> int:
         sessions = self._channels.get(channel)
         return len(sessions) if sessions else 0
 
 
 def _framed(framing: Framing, channel: str, entry: Entry, built: dict[Framing, bytes]) -> bytes:
-    """The message as `framing` writes it, built once per message for each distinct framing."""
-    if framing is NATIVE:
-        return entry.frame
+    """The message as a non-native `framing` writes it, built once per message for each
+    distinct framing (the native frame comes with the entry)."""
     frame = built.get(framing)
     if frame is None:
         frame = built[framing] = framing.frame(channel, entry)

@@ -140,7 +140,6 @@ class Pod:
             keepalive_s=settings.http_keepalive_s,
             endpoints=endpoints,
             routes=self.routes.handle,
-            spawn=self.tasks.spawn,
             handshake_rejections=metrics.handshake_rejections,
         )
         self._server: asyncio.Server | None = None

@@ -163,6 +163,15 @@ class Presence:
             return 0, []
         return max(0, total.count), sorted(total.subs)
 
+    def summary(self, channel: str, members_max: int) -> dict[str, object]:
+        """A presence answer's body, whatever the kind of session asks: `count`, and `members`
+        when there are no more than `members_max` of them."""
+        count, members = self.count(channel)
+        body: dict[str, object] = {"count": count}
+        if len(members) <= members_max:
+            body["members"] = [{"sub": sub} for sub in members]
+        return body
+
     # -- announcements in ------------------------------------------------------------------------
     def on_announcement(self, delivery: Delivery) -> None:
         """Applies another pod's announcement; notes our own (we are not deaf)."""

@@ -188,15 +188,10 @@ class Session:
         elif isinstance(frame, PresenceQuery):
             if self._forbidden(frame.channel):
                 return
-            count, members = self._parts.presence.count(frame.channel)
-            reply: dict[str, object] = {
-                "type": "presence",
-                "channel": frame.channel,
-                "count": count,
-            }
-            if len(members) <= self._parts.limits.presence_members_max:
-                reply["members"] = [{"sub": sub} for sub in members]
-            self.send(orjson.dumps(reply))
+            summary = self._parts.presence.summary(
+                frame.channel, self._parts.limits.presence_members_max
+            )
+            self.send(orjson.dumps({"type": "presence", "channel": frame.channel, **summary}))
 
     def _forbidden(self, channel: str) -> bool:
         """Sends `forbidden` and returns True when the token does not allow the channel."""

@@ -628,8 +628,6 @@ class SseEndpoint:
                 keep_alive=keep_alive,
                 headers=headers,
             )
-        count, members = parts.presence.count(channel)
-        reply: dict[str, object] = {"type": "presence", "channel": channel, "count": count}
-        if len(members) <= parts.limits.presence_members_max:
-            reply["members"] = [{"sub": sub} for sub in members]
+        summary = parts.presence.summary(channel, parts.limits.presence_members_max)
+        reply = {"type": "presence", "channel": channel, **summary}
         return json_response(200, reply, keep_alive=keep_alive, headers=headers)

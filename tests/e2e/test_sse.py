@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 
 from devtools.cluster import LoadBalancer, LocalCluster, free_port
 from tests.e2e.support import FAILOVER_MS, DemoPage
-from tests.support import lb_routes_cookie_to, wait_until
+from tests.support import ensure_pods_up
 
 STREAM_MS = 15_000
 
@@ -36,13 +36,7 @@ def no_websockets(e2e_cluster: LocalCluster) -> Iterator[LoadBalancer]:
 @pytest.fixture
 def blocked_lb(pods_up, no_websockets: LoadBalancer) -> str:
     """The websocket-refusing load balancer, routing to both (restarted) pods."""
-    for pod in pods_up:
-        name = pod.env["POD_NAME"]
-        wait_until(
-            lambda name=name: lb_routes_cookie_to(no_websockets.url, name),
-            60,
-            f"the second load balancer to route to {name}",
-        )
+    ensure_pods_up(no_websockets.url, pods_up)
     return no_websockets.url
 
 

@@ -5,21 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import orjson
 
 from devtools.cluster import PROJECT, TOPIC, LocalCluster, emulator_env
 from services.core.ids import new_message_id
 from tests.integration.conftest import TEST_SOCKET_ENV
-from tests.support import WsClient
-
-
-async def publish(api: httpx.AsyncClient, channel: str, data: object, **extra: object) -> str:
-    response = await api.post(f"/v1/channels/{channel}/messages", json={"data": data, **extra})
-    assert response.status_code == 202, response.text
-    body = response.json()
-    assert body["channel"] == channel
-    return body["id"]
+from tests.support import WsClient, publish
 
 
 async def connect_all(cluster: LocalCluster, channel: str) -> list[WsClient]:

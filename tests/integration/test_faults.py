@@ -16,6 +16,7 @@ from devtools.cluster import LocalCluster, free_port
 from tests.integration.conftest import TEST_API_ENV, TEST_SOCKET_ENV
 from tests.support import (
     CLOSED,
+    Publisher,
     WsClient,
     cluster_on_free_ports,
     eventually,
@@ -41,50 +42,6 @@ def faulty() -> Iterator[LocalCluster]:
         with_lb=False,
     ) as running:
         yield running
-
-
-class Publisher:
-    """Publishes to one channel at a steady rate until stopped; records every accepted id."""
-
-    def __init__(self, api_url: str, channel: str, rate_per_s: float) -> None:
-        self.api_url = api_url
-        self.channel = channel
-        self.interval_s = 1 / rate_per_s
-        self.accepted: list[str] = []
-        self.unavailable = 0
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.api_url, timeout=10) as api:
-            n = 0
-            while not self._stop.is_set():
-                response = await api.post(f"/v1/channels/{self.channel}/messages", json={"data": n})
-                if response.status_code == 202:
-                    self.accepted.append(response.json()["id"])
-                else:
-                    assert response.status_code == 503, response.text
-                    self.unavailable += 1
-                n += 1
-                await asyncio.sleep(self.interval_s)  # the pace of the load, not a wait
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def accepted_at_least(self, count: int, timeout_s: float = 10) -> None:
-        await eventually(
-            lambda: len(self.accepted),
-            timeout_s,
-            f"{count} accepted publishes",
-            interval_s=0.05,
-            until=lambda accepted: accepted >= count,
-        )
-
-    async def stop(self) -> list[str]:
-        self._stop.set()
-        assert self._task is not None
-        await self._task
-        return self.accepted
 
 
 class Follower:

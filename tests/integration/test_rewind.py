@@ -17,9 +17,7 @@ import pytest
 
 from devtools.cluster import LocalCluster, Service, free_port
 from services.client import PubsockClient
-from tests.integration.test_connections import metric
-from tests.integration.test_delivery import publish
-from tests.support import WsClient
+from tests.support import WsClient, metric, publish
 
 
 async def published_and_held(

@@ -14,14 +14,16 @@ import pytest
 
 from devtools.cluster import LocalCluster, Service, free_port
 from services.socket.sse_id import decode_positions
-from tests.integration.test_faults import Publisher
-from tests.support import SseClient, SseParser, WsClient, metric
-
-
-async def publish(api: httpx.AsyncClient, channel: str, data: Any) -> str:
-    response = await api.post(f"/v1/channels/{channel}/messages", json={"data": data})
-    assert response.status_code == 202, response.text
-    return str(response.json()["id"])
+from tests.support import (
+    Publisher,
+    SseClient,
+    SseParser,
+    WsClient,
+    eventually,
+    metric,
+    publish,
+    wait_metric,
+)
 
 
 async def opened(stream: SseClient, channels: int) -> dict[str, dict[str, Any]]:
@@ -266,9 +268,8 @@ async def test_keepalive_drain_and_resume_elsewhere(
     await opened(stream, 1)
     assert await metric(own_pod.url, "pubsock_sse_sessions") == 1
     assert await metric(own_pod.url, "pubsock_connections") == 1
-    async with asyncio.timeout(10):  # a quiet stream gets a comment every SSE_KEEPALIVE_S
-        while "ka" not in stream.parser.comments:
-            await asyncio.sleep(0.1)
+    # a quiet stream gets a comment every SSE_KEEPALIVE_S
+    await eventually(lambda: "ka" in stream.parser.comments, 10, "a keep-alive comment")
     sent = [await publish(api, channel, n) for n in range(2)]
     assert [m["id"] for m in await stream.messages(2)] == sent
     own_pod.process.signal(15)
@@ -311,9 +312,7 @@ async def test_sigkill_under_steady_publishing_resumes_once_on_the_other_pod(
     )
     assert (await other.next("pod"))["pod"] == other.pod
     assert (await other.next("subscribed"))["recovered"] is True
-    async with asyncio.timeout(20):
-        while len(publisher.accepted) < len(ids) + 30:
-            await asyncio.sleep(0.05)
+    await publisher.accepted_at_least(len(ids) + 30, 20)
     accepted = await publisher.stop()
     async with asyncio.timeout(30):
         while ids[-1:] != accepted[-1:]:
@@ -347,9 +346,9 @@ async def test_a_slow_stream_is_closed_and_never_slows_others(
         assert response.status_code == 202
         ids.extend(response.json()["ids"])
     assert [m["id"] for m in await fast.messages(len(ids), timeout=60)] == ids
-    async with asyncio.timeout(30):
-        while await metric(pod.url, "pubsock_slow_consumer_closes_total") <= closes_before:
-            await asyncio.sleep(0.2)
+    await wait_metric(
+        pod.url, "pubsock_slow_consumer_closes_total", lambda closes: closes > closes_before
+    )
     raw.settimeout(10)
     reset = False
     while True:

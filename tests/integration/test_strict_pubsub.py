@@ -420,9 +420,7 @@ async def test_what_a_stall_held_comes_again_before_the_keys_later_messages(stri
         try:
             for data in (b"1", b"2", b"3"):
                 await publish(channel, message(data, key=key))
-            async with asyncio.timeout(10):
-                while strict.state()["held"] < 3:
-                    await asyncio.sleep(0.05)
+            await held_back(strict, 3)
             second = Puller(channel, subscription, ack_deadline_s=10, client_id="pod")
             await publish(channel, message(b"4", key=key))
             first.close()

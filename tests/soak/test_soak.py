@@ -5,7 +5,6 @@ is left running. At most 3 minutes of wall time, start-up included."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from devtools.cluster import ROOT, emulator_available
+from devtools.cluster import ROOT
+from tests.support import emulator_missing, require
 
 pytestmark = pytest.mark.integration
 
@@ -27,18 +27,12 @@ def _missing() -> str | None:
         return "Node and npm are required"
     if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
         return "HAProxy is required"
-    if not emulator_available():
-        return "the Pub/Sub emulator is not installed"
-    return None
+    return emulator_missing()
 
 
 @pytest.mark.timeout(WALL_LIMIT_S + 60)
 def test_a_short_soak_with_a_fixed_seed_finds_nothing_wrong(tmp_path: Path) -> None:
-    reason = _missing()
-    if reason:
-        if os.environ.get("CI"):
-            raise RuntimeError(f"the soak cannot run in CI: {reason}")
-        pytest.skip(reason)
+    require(_missing(), "the soak")
     out = tmp_path / "soak"
     started = time.monotonic()
     run = subprocess.run(

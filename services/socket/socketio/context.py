@@ -113,9 +113,11 @@ class SioContext:
         entry = self.history.entry(room, position)
         return entry.publish_ms if entry is not None else None
 
-    def presence_of(self, room: str) -> tuple[int, list[str]]:
+    def presence_summary(self, room: str) -> dict[str, object]:
         presence = self.hub.presence
-        return presence.count(room) if presence is not None else (0, [])
+        if presence is None:
+            return {"count": 0, "members": []}
+        return presence.summary(room, self.settings.presence_members_max)
 
     # -- counters ----------------------------------------------------------------------------
     def client_errors(self, code: str) -> None:

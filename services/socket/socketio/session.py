@@ -561,19 +561,12 @@ class SioSession(EngineSession):
 
     def _on_presence(self, args: list[Any], ack_id: int | None) -> None:
         room = self._check_room(args[0] if args else None, self.claims)
-        count, members = self.ctx.presence_of(room)
-        body: dict[str, Any] = {"ok": True, "room": room, "count": count}
-        if len(members) <= self.ctx.settings.presence_members_max:
-            body["members"] = [{"sub": sub} for sub in members]
-        self._ack(ack_id, body)
+        self._ack(ack_id, {"ok": True, "room": room, **self.ctx.presence_summary(room)})
 
     def _on_refresh(self, args: list[Any], ack_id: int | None) -> None:
         token = args[0] if args else None
-        access = self.ctx.access
-        if access.tokens_required and not isinstance(token, str):
-            raise Refused("bad_request", "refresh takes (token)")
         try:
-            claims = access.refresh(self.claims, token)
+            claims = self.ctx.access.refresh(self.claims, token)
         except TokenRefused as refused:
             raise Refused(refused.code, str(refused)) from None
         self.claims = claims
