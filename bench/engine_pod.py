@@ -13,7 +13,7 @@ channel?}` (another channel: its own sequence from 0, e.g. the history a rewind 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +23,7 @@ import uvloop
 
 from bench import control
 from bench.generator import BURST_RATE, LoopLagMonitor, PacedGenerator, message_data
+from devtools.waiting import WaitTimeout, eventually
 from services.core.broker import OutgoingMessage
 from services.core.broker.memory import MemoryBroker
 from services.core.envelope import Envelope
@@ -83,10 +84,11 @@ async def main(args: argparse.Namespace) -> None:
             target = command.get("channel", channel)
             source = generator if target == channel else PacedGenerator(emitter(target))
             result = await source.run(BURST_RATE, int(command["count"]) / BURST_RATE)
-            for _ in range(1000):  # the pump hands it to history on one of its next turns
-                if pod.history.contains(target, last_id):
-                    break
-                await asyncio.sleep(0.01)
+            # the pump hands it to history on one of its next turns
+            with contextlib.suppress(WaitTimeout):
+                await eventually(
+                    lambda: pod.history.contains(target, last_id), 10, "the burst in history"
+                )
             return {
                 **result,
                 "last_id": last_id,

@@ -485,10 +485,9 @@ def _check_stretch(
     floor_ms: float | None = None
     if position is not None and position in where:
         first = where[position]
-    elif position is not None and position.startswith("@") and position[1:].isdigit():
-        floor_ms = float(position[1:])
-        first = min(places) if places else last + 1
-    else:  # an unknown position: from the first delivery on
+    else:  # a time position (then its floor counts too), or unknown: from the first delivery on
+        if position is not None and position.startswith("@") and position[1:].isdigit():
+            floor_ms = float(position[1:])
         first = min(places) if places else last + 1
     delivered = set(unique) | (had or set())
     missing: list[str] = []

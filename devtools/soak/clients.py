@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,32 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from devtools.cluster import ROOT
+from devtools.lifetime import die_with_parent
+from devtools.node import npm_ci
 
 HERE = Path(__file__).resolve().parent
 PER_NODE_PROCESS = 100  # 50 browser clients and 50 socket.io sockets a process
 PER_PYTHON_PROCESS = 100
 
 
-def node_modules_ready() -> bool:
-    return all(
-        (HERE / "node_modules" / name / "package.json").is_file()
-        for name in ("ws", "socket.io-client")
-    )
-
-
 def install_node_modules() -> None:
     """`npm ci` from package-lock.json when node_modules is missing."""
-    if node_modules_ready():
-        return
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("npm is required for the soak's Node clients (Node 20)")
-    subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=HERE,
-        check=True,
-        timeout=300,
-    )
+    npm_ci(HERE, ("ws", "socket.io-client"), "the soak's Node clients (Node 20)")
 
 
 def plan_clients(count: int, channels: list[str], seed: int) -> dict[str, list[dict[str, Any]]]:
@@ -76,7 +60,6 @@ class Worker:
     out_path: Path
     log_path: Path
     process: asyncio.subprocess.Process | None = None
-    done: dict[str, Any] | None = None
 
     async def start(self) -> None:
         log = self.log_path.open("ab")
@@ -89,6 +72,7 @@ class Worker:
             stderr=log,
             env={**os.environ, "NODE_NO_WARNINGS": "1", "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         log.close()
 
@@ -113,9 +97,9 @@ class Worker:
         command = {"cmd": "finish", "last": last, "deadline_s": deadline_s}
         self.process.stdin.write((json.dumps(command) + "\n").encode())
         await self.process.stdin.drain()
-        self.done = await self.wait_line("done", deadline_s + 30)
+        done = await self.wait_line("done", deadline_s + 30)
         await asyncio.wait_for(self.process.wait(), 15)
-        return self.done
+        return done
 
     async def kill(self) -> None:
         if self.process is None or self.process.returncode is not None:

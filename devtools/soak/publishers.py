@@ -12,7 +12,7 @@ import json
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,15 +30,6 @@ class PublisherPlan:
     seed: int = 0
 
 
-@dataclass
-class PublisherStats:
-    requests: int = 0
-    attempts: int = 0
-    accepted: int = 0
-    unknown: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-
-
 def _now_ms() -> float:
     return time.time() * 1000
 
@@ -49,7 +40,7 @@ class Publisher:
         self.base_url = base_url
         self.api_key = api_key
         self.log = log
-        self.stats = PublisherStats()
+        self.accepted = 0  # messages; the log has every attempt and its answer
         self._random = random.Random(plan.seed)
         self._seq: dict[str, int] = dict.fromkeys(plan.channels, 0)
         self._stopping = asyncio.Event()
@@ -96,7 +87,6 @@ class Publisher:
 
     async def _send(self, http: httpx.AsyncClient, items: list[dict[str, Any]]) -> None:
         """One request, sent again with the same ids until a 202 (or the retry deadline)."""
-        self.stats.requests += 1
         batch = len(items) > 1
         if batch:
             path = "/v1/messages"
@@ -112,7 +102,6 @@ class Publisher:
         attempt = 0
         while True:
             attempt += 1
-            self.stats.attempts += 1
             t0 = _now_ms()
             status: int | str
             retry_after = 0.5
@@ -126,7 +115,6 @@ class Publisher:
                 status = type(exc).__name__
                 answer = str(exc)[:200]
             t1 = _now_ms()
-            self.stats.statuses[str(status)] = self.stats.statuses.get(str(status), 0) + 1
             self._write(
                 {
                     "pub": self.plan.name,
@@ -140,14 +128,12 @@ class Publisher:
                 }
             )
             if status == 202:
-                self.stats.accepted += len(items)
+                self.accepted += len(items)
                 return
             if isinstance(status, int) and status not in (429, 502, 503, 504):
                 # Not a transient answer: a bug in the soak or the api. It stays in the log.
-                self.stats.unknown += len(items)
                 return
             if time.monotonic() - started > RETRY_DEADLINE_S:
-                self.stats.unknown += len(items)
                 return
             # Retry-After, jittered, capped: the contract's retry of an unknown outcome.
             await asyncio.sleep(min(retry_after, 2.0) * (0.5 + self._random.random()))

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from devtools.waiting import WaitTimeout, eventually
 from services.client import PubsockClient
 
 FLUSH_EVERY_S = 0.5
@@ -229,10 +230,18 @@ async def run(plan: dict[str, Any], out: IO[str]) -> None:
         last: dict[str, list[str]] = command.get("last", {})
         deadline = loop.time() + float(command.get("deadline_s", 60))
         for client in clients:
-            while not client.has(last) and loop.time() < deadline and not stop.is_set():
-                client.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(client.changed.wait(), deadline - loop.time())
+
+            def caught_up(client: SoakClient = client) -> bool:
+                return client.has(last) or stop.is_set()
+
+            # Short of the deadline the record says what is missing; the checker judges it.
+            with contextlib.suppress(WaitTimeout):
+                await eventually(
+                    caught_up,
+                    max(0.0, deadline - loop.time()),
+                    f"{client.name} to have the last messages",
+                    wake=client.changed,
+                )
     for client in clients:
         record(client.name, "end", drained=drained, state=client.client.state)
     await asyncio.gather(*(c.client.close() for c in clients), return_exceptions=True)

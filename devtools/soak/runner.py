@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from devtools.cluster import ROOT, ClusterConfig, LocalCluster, free_port, port_open
+from devtools.lifetime import die_with_parent
 from devtools.soak import checker
 from devtools.soak.clients import install_node_modules, load_records, make_workers, plan_clients
 from devtools.soak.nemesis import Nemesis
 from devtools.soak.publishers import Publisher, load_log, plans
 from devtools.soak.report import svg, table, timeline
+from devtools.waiting import WaitTimeout, eventually
 from services.core.auth import mint_token
 
 API_KEY = "soak-key-0123456789"
@@ -127,7 +129,7 @@ def pod_marks(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def messages_from_log(path: Path) -> tuple[dict[str, checker.Msg], dict[str, Any]]:
     messages: dict[str, checker.Msg] = {}
-    stats: dict[str, Any] = {"attempts": 0, "statuses": {}, "requests": set()}
+    stats: dict[str, Any] = {"attempts": 0, "statuses": {}}
     for attempt in load_log(path):
         stats["attempts"] += 1
         status = str(attempt["status"])
@@ -145,7 +147,6 @@ def messages_from_log(path: Path) -> tuple[dict[str, checker.Msg], dict[str, Any
                 )
             if attempt["status"] == 202:
                 msg.accepted = True
-    stats.pop("requests")
     stats["accepted"] = sum(1 for m in messages.values() if m.accepted)
     stats["unknown"] = len(messages) - stats["accepted"]
     return messages, stats
@@ -207,12 +208,14 @@ class Proxy:
             stdout=subprocess.PIPE,
             stderr=log,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
             text=True,
         )
         log.close()
         assert self.popen.stdout is not None
         line = self.popen.stdout.readline()
         if '"listening"' not in line:
+            self.stop()
             raise RuntimeError(f"the TCP proxy did not start: {line!r}")
 
     def cut(self, share: float) -> int:
@@ -320,7 +323,7 @@ async def soak(args: argparse.Namespace) -> int:
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= next_note:
                 next_note += 30
-                accepted = sum(p.stats.accepted for p in publishers)
+                accepted = sum(p.accepted for p in publishers)
                 say(
                     f"  {time.monotonic() - deadline + args.seconds:5.0f} s: {accepted} accepted, "
                     f"{len(nemesis.faults)} faults"
@@ -394,12 +397,16 @@ async def soak(args: argparse.Namespace) -> int:
         await asyncio.to_thread(cluster.stop)
         pgids += [p.popen.pid for p in all_processes if p.popen is not None]
     # Killed processes take a moment to go (a SIGKILLed JVM closes its port as it exits).
-    left_deadline = time.monotonic() + 15
-    while True:
+    try:
+        report["leftovers"] = await eventually(
+            lambda: leftovers(pgids, ports),
+            15,
+            "every process and port of the run to be gone",
+            interval_s=0.2,
+            until=lambda left: not any(left.values()),
+        )
+    except WaitTimeout:
         report["leftovers"] = leftovers(pgids, ports)
-        if time.monotonic() > left_deadline or not any(report["leftovers"].values()):
-            break
-        await asyncio.sleep(0.2)
     report["clients"] = {
         "total": args.clients,
         "py": len(specs["py"]),

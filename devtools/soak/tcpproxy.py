@@ -39,7 +39,6 @@ class Proxy:
         self.target = target
         self.pairs: set[Pair] = set()
         self.random = random.Random(seed)
-        self.accepted = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -47,7 +46,6 @@ class Proxy:
         except OSError:
             writer.transport.abort()
             return
-        self.accepted += 1
         pair = Pair(writer, up_writer)
         self.pairs.add(pair)
         try:

@@ -8,13 +8,13 @@ import contextlib
 import itertools
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from devtools.node import npm_ci
 from tests.support import DEFAULT_TIMEOUT_S, WaitTimeout, eventually
 
 HERE = Path(__file__).resolve().parent
@@ -22,23 +22,9 @@ HERE = Path(__file__).resolve().parent
 Record = dict[str, Any]
 
 
-def node_modules_ready() -> bool:
-    return (HERE / "node_modules" / "socket.io-client" / "package.json").is_file()
-
-
 def install_node_modules() -> None:
-    """`npm ci` from package-lock.json when node_modules is missing (as `make test` needs)."""
-    if node_modules_ready():
-        return
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("npm is required for tests/socketio (Node 18+)")
-    subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=HERE,
-        check=True,
-        timeout=300,
-    )
+    """`npm ci` from package-lock.json when node_modules is missing."""
+    npm_ci(HERE, ("socket.io-client",), "tests/socketio (Node 18+)")
 
 
 class SioDriver:
