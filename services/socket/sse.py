@@ -25,6 +25,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -233,7 +234,8 @@ class SseSession:
         pod = orjson.dumps({"type": "pod", "pod": self._parts.limits.pod_name})
         events = [b"retry: %d\n" % retry_ms(None) + event("pod", pod, self._id())]
         for channel, position, rewound in fresh:
-            events += self._answer(channel, position, recovered, rewound)
+            entries = rewound.entries if rewound is not None else ()
+            events += self._answer(channel, position, recovered, entries, rewound)
         self.send_raw(b"".join(events))
         if any(rewound is not None for _, _, rewound in fresh):
             self.wire.replayed()
@@ -248,14 +250,20 @@ class SseSession:
         return self._parts.hub.rewind(channel, spec.count, spec.seconds)
 
     def _answer(
-        self, channel: str, position: str, recovered: bool | None, rewound: Rewind | None
+        self,
+        channel: str,
+        position: str,
+        recovered: bool | None,
+        entries: Sequence[Entry] = (),
+        rewound: Rewind | None = None,
     ) -> list[bytes]:
-        """A `subscribed` event, then the rewind's messages, each moving the channel's pair."""
+        """A `subscribed` event (saying what `rewound` holds), then `entries` (a replay or the
+        rewind's), each moving the channel's pair."""
         shape = None if rewound is None else (len(rewound.entries), rewound.complete)
         events = [event("subscribed", subscribed_frame(channel, position, recovered, shape))]
-        for entry in rewound.entries if rewound is not None else ():
+        for entry in entries:
             self._set_position(channel, entry.id)
-            events.append(b"id: " + self._id() + b"\ndata: " + message_payload(entry) + b"\n\n")
+            events.append(event(None, message_payload(entry), self._id()))
         return events
 
     def _attach(self, channel: str) -> None:
@@ -283,19 +291,15 @@ class SseSession:
             position = self._parts.hub.history.position(channel)
             if not rewound.entries:
                 self._set_position(channel, position)
-            self.send_raw(b"".join(self._answer(channel, position, False, rewound)))
+            answer = self._answer(channel, position, False, rewound.entries, rewound)
+            self.send_raw(b"".join(answer))
             self.wire.replayed()
             return
         if not recovery.recovered or not recovery.entries:
             self.send_raw(self._subscribed(channel, recovery.recovered))
             return
-        hub = self._parts.hub
-        subscribed = subscribed_frame(channel, hub.history.position(channel), True)
-        events = [event("subscribed", subscribed)]
-        for entry in recovery.entries:
-            self._set_position(channel, entry.id)
-            events.append(b"id: " + self._id() + b"\ndata: " + message_payload(entry) + b"\n\n")
-        self.send_raw(b"".join(events))
+        position = self._parts.hub.history.position(channel)
+        self.send_raw(b"".join(self._answer(channel, position, True, recovery.entries)))
         self.wire.replayed()
 
     # -- writing -----------------------------------------------------------------------------

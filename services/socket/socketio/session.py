@@ -613,10 +613,8 @@ class SioSession(EngineSession):
         self.reframe()
 
     def _event_packet(self, room: str, entry: Entry) -> bytes:
-        """A message's packet for this session: the pod's one, or with our room set."""
-        packet = self.ctx.frames.build(room, entry)[0]
-        suffix = self.rooms_suffix
-        return packet if suffix is None else self.ctx.frames.with_rooms(packet, suffix)[0]
+        """A message's packet (for `send`, whatever the transport) as our room set frames it."""
+        return self.ctx.frames.framing(False, self.rooms_suffix).frame(room, entry)
 
     def _offset(self, room: str | None, position: str | None) -> str:
         offset = state_offset(room, position, self.ctx.history.now_ms())
