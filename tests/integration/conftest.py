@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from devtools.cluster import LocalCluster, Service, free_port
-from tests.support import cluster_on_free_ports, emulator_missing, mint, require
+from tests.support import cluster_on_free_ports, emulator_missing, metric, mint, require
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,33 @@ TEST_API_ENV = {"PUBLISH_TIMEOUT_S": "5"}
 def cluster() -> Iterator[LocalCluster]:
     with cluster_on_free_ports(socket_env=TEST_SOCKET_ENV, api_env=TEST_API_ENV) as running:
         yield running
+
+
+# Marks a pod makes when it cannot prove its stream unbroken. Tests share the session cluster's
+# pods and some assert that their history is whole (a rewind's `complete`), so a test that takes
+# Pub/Sub away long enough to leave such a mark belongs on a cluster of its own (test_faults).
+BREAK_MARKS = ("pubsock_deaf_total", "pubsock_unprovable_breaks_total")
+
+
+@pytest.fixture(autouse=True)
+async def shared_pods_stay_unbroken(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fails the test on the session cluster after which one of its socket pods counts a new
+    break mark (so the test that caused it is named, not a later one that trips over it)."""
+    if "cluster" not in request.fixturenames:
+        yield
+        return
+    cluster: LocalCluster = request.getfixturevalue("cluster")
+
+    async def marks() -> list[float]:
+        return [await metric(pod.url, name) for pod in cluster.sockets for name in BREAK_MARKS]
+
+    before = await marks()
+    yield
+    after = await marks()
+    assert after == before, (
+        f"the shared cluster's pods count new break marks {BREAK_MARKS}: {before} -> {after}; "
+        "a fault that breaks the shared pods' streams goes on a cluster of its own (test_faults)"
+    )
 
 
 @pytest.fixture

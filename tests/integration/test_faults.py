@@ -1,5 +1,6 @@
 """Faults caused for real: SIGKILL under load, drain, emulator restart, a vanished subscription,
-a cold pod, and the maximum connection age. Every client stream is checked id by id."""
+a cold pod, the maximum connection age, and a Pub/Sub outage (a channel's publish queue full, a
+pod's exit within its bound). Every client stream is checked id by id."""
 
 from __future__ import annotations
 
@@ -266,4 +267,72 @@ async def test_maximum_connection_age_closes_with_1012(faulty):
         assert codes == [1012, 1012, 1012]
         assert loop.time() - started < 1.5 * 1.1 + 1.5  # jitter ±10 % plus the maintenance tick
     finally:
+        pod.process.stop()
+
+
+async def test_a_full_channel_backlog_answers_429_and_publishes_nothing(faulty, channel):
+    """Pub/Sub is gone for 3 s: a channel's queue fills at PUBLISH_KEY_MAX_MESSAGES and the
+    next publish to it is refused with 429 (published nowhere); other channels go on."""
+    assert faulty.strict is not None
+    api = faulty.new_api(
+        "api-small-backlog",
+        free_port(),
+        BROKER_PROBE_INTERVAL_S="0.5",
+        PUBLISH_KEY_MAX_MESSAGES="2",
+        PUBLISH_TIMEOUT_S="6",
+    )
+    api.start()
+    try:
+        watcher = await WsClient.connect(faulty.sockets[0].ws_url)
+        await watcher.subscribe(channel)
+        async with httpx.AsyncClient(base_url=api.url, timeout=15) as client:
+            faulty.strict.control("unavailable", seconds=3)
+            url = f"/v1/channels/{channel}/messages"
+            waiting = [
+                asyncio.create_task(client.post(url, json={"data": n, "id": f"w{n}"}))
+                for n in range(2)
+            ]
+            # both are queued for the channel before the third
+            await wait_metric(api.url, "pubsock_publishes_in_flight", lambda n: n >= 2, 10)
+            full = await client.post(url, json={"data": 9, "id": "x"})
+            assert full.status_code == 429
+            assert full.headers["retry-after"] and full.json()["id"] == "x"
+            other = await client.post(f"/v1/channels/{channel}-other/messages", json={"data": 1})
+            assert [r.status_code for r in await asyncio.gather(*waiting)] == [202, 202]
+            assert other.status_code == 202  # other channels are not held back
+            after = await client.post(url, json={"data": 3})
+            assert after.status_code == 202
+        delivered = [f["id"] for f in await watcher.messages(3, timeout=30)]
+        assert sorted(delivered[:2]) == ["w0", "w1"] and delivered[2] == after.json()["id"]
+    finally:
+        faulty.strict.control("unavailable", seconds=0)
+        api.process.stop()
+
+
+async def test_a_pod_exits_within_its_bound_with_pubsub_gone(faulty):
+    """SIGTERM while every Pub/Sub call fails: the drain's cleanup (stop the stream, delete the
+    subscription, re-send acks) is cut at SHUTDOWN_CLEANUP_S and the process exits 0 within
+    DRAIN_DELAY_S + DRAIN_CLOSE_WINDOW_S + CLOSE_TIMEOUT_S + SHUTDOWN_CLEANUP_S."""
+    assert faulty.strict is not None
+    bound_s = 0 + 1 + 1 + 3
+    pod = faulty.new_socket(
+        "exiting-pod",
+        free_port(),
+        DRAIN_DELAY_S="0",
+        DRAIN_CLOSE_WINDOW_S="1",
+        CLOSE_TIMEOUT_S="1",
+        SHUTDOWN_CLEANUP_S="3",
+    )
+    pod.start()
+    client = await WsClient.connect(pod.ws_url)
+    await client.subscribe("room:exiting")
+    faulty.strict.control("unavailable", seconds=120)
+    try:
+        pod.process.signal(15)
+        # The bound plus the interpreter's own start-to-exit slack.
+        code = await asyncio.to_thread(pod.process.wait, bound_s + 3)
+        assert code == 0, pod.process.log_tail()
+        assert await client.wait_closed(5) == 1012
+    finally:
+        faulty.strict.control("unavailable", seconds=0)
         pod.process.stop()
