@@ -39,6 +39,7 @@ class Request:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes = b""
     raw_headers: list[tuple[str, str]] = field(default_factory=list)  # as sent, in order
+    head_bytes: int = 0  # request line and header lines, as measured against HEAD_MAX_BYTES
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -95,6 +96,7 @@ def _request(event: h11.Request) -> Request:
         version="HTTP/" + event.http_version.decode("ascii"),
         headers=headers,
         raw_headers=raw,
+        head_bytes=size,
     )
 
 

@@ -41,7 +41,16 @@ from services.socket.guards import TokenExpiry
 from services.socket.history import Entry, Rewind
 from services.socket.http import Request, json_response, response, stream_head
 from services.socket.parts import SessionParts
-from services.socket.sse_id import BadEventId, decode_positions
+from services.socket.sse_id import (
+    LAST_EVENT_ID_HEADER,
+    LAST_EVENT_ID_PARAM,
+    POSITION_MAX_CHARS,
+    RESUME_HEAD_MAX_BYTES,
+    BadEventId,
+    channels_that_resume,
+    decode_positions,
+    resume_head_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +435,17 @@ class StreamRequest:
     rewind: tuple[RewindSpec, set[str]] | None
 
 
+def _head_without_resume_id(request: Request) -> int:
+    """The request head's size without the resume id it may carry (header and URL)."""
+    head = request.head_bytes
+    value = request.header(LAST_EVENT_ID_HEADER.lower())
+    if value is not None:
+        head -= len(LAST_EVENT_ID_HEADER) + len(value) + 4
+    _, _, query = request.target.partition("?")
+    prefix = f"{LAST_EVENT_ID_PARAM}="
+    return head - sum(len(part) + 1 for part in query.split("&") if part.startswith(prefix))
+
+
 class SseEndpoint:
     """`GET /sse` (a stream) and `GET /sse/presence` (a presence query)."""
 
@@ -518,6 +538,17 @@ class SseEndpoint:
                 channels.append(name)
         if len(channels) > limit:
             raise BadStream(400, "bad_request", f"too many channels: at most {limit} a stream")
+        head = _head_without_resume_id(request)
+        if (needed := resume_head_bytes(head, channels)) > RESUME_HEAD_MAX_BYTES:
+            raise BadStream(
+                400,
+                "bad_request",
+                f"this stream could not resume: a reconnect carries every channel's position "
+                f"(at its longest, a {POSITION_MAX_CHARS}-character message id) in the URL and "
+                f"in Last-Event-ID, {needed} bytes here, over {RESUME_HEAD_MAX_BYTES}; "
+                f"the first {channels_that_resume(head, channels)} of these channels fit one "
+                "stream: open another for the rest (or use the websocket)",
+            )
         presence = self._subset(request.query_value("presence"), channels, "presence")
         rewind = self._rewind(request, channels)
         if claims is not None:
@@ -526,9 +557,9 @@ class SseEndpoint:
                     raise BadStream(
                         403, "forbidden", f"the token does not allow channel {channel!r}"
                     )
-        last_event_id = request.header("last-event-id")
+        last_event_id = request.header(LAST_EVENT_ID_HEADER.lower())
         if last_event_id is None:
-            last_event_id = request.query_value("last_event_id") or ""
+            last_event_id = request.query_value(LAST_EVENT_ID_PARAM) or ""
         try:
             positions: dict[str, str] | None = decode_positions(last_event_id.strip(), limit)
         except BadEventId:

@@ -6,8 +6,11 @@ consumer."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -367,3 +370,46 @@ async def test_a_slow_stream_is_closed_and_never_slows_others(
         assert parser.events[-1]["event"] == "close"
         assert parser.events[-1]["data"]["code"] == 1013
     await fast.close()
+
+
+async def test_a_stream_too_long_to_resume_is_refused_and_one_that_fits_resumes(
+    cluster: LocalCluster, api: httpx.AsyncClient, channel: str
+) -> None:
+    """A reconnect carries every channel's position twice: in the Last-Event-ID header that
+    EventSource adds and in the URL's `last_event_id` that the browser client sets when it
+    reopens. With long channel names and long message ids that request can outgrow what a
+    proxy or the pod accepts, and the stream could then never resume. Such a stream is refused
+    when it opens, saying how many of its channels fit; a stream of that many resumes through
+    the load balancer with the longest ids (128 characters) in both places."""
+    assert cluster.lb is not None
+    names = [f"{channel}-{n:03d}-".ljust(120, "x") for n in range(100)]
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream(
+            "GET", f"{cluster.lb.url}/sse", params={"channels": ",".join(names)}
+        ) as refused,
+    ):
+        assert refused.status_code == 400, "a stream that could never resume was opened"
+        detail = json.loads(await refused.aread())["detail"]
+    assert "could not resume" in detail, detail
+    fit = int(re.search(r"the first (\d+) of these channels", detail).group(1))  # type: ignore[union-attr]
+    assert 0 < fit < len(names)
+
+    names = names[:fit]
+    url = f"{cluster.lb.url}/sse?" + urlencode({"channels": ",".join(names)})
+    stream = await SseClient.open(url)
+    await opened(stream, fit)
+    sent = [
+        await publish(api, name, n, id=f"{n:03d}".ljust(128, "i")) for n, name in enumerate(names)
+    ]
+    assert [m["id"] for m in await stream.messages(fit)] == sent
+    last = stream.last_event_id
+    await stream.close()
+    missed = await publish(api, names[0], "missed", id="m".ljust(128, "m"))
+    stream = await SseClient.open(
+        f"{url}&" + urlencode({"last_event_id": last}), headers={"Last-Event-ID": last}
+    )
+    subscribed, ids = await resumed(stream, names, 1)
+    assert all(frame["recovered"] is True for frame in subscribed.values())
+    assert ids[names[0]] == [missed]
+    await stream.close()

@@ -15,7 +15,15 @@ from services.socket.history import Entry
 from services.socket.http import parse_head
 from services.socket.parts import SessionLimits, SessionParts
 from services.socket.sse import SSE, SseEndpoint, SseFraming, SseSession
-from services.socket.sse_id import BadEventId, decode_positions, encode_positions
+from services.socket.sse_id import (
+    POSITION_MAX_CHARS,
+    RESUME_HEAD_MAX_BYTES,
+    BadEventId,
+    channels_that_resume,
+    decode_positions,
+    encode_positions,
+    resume_head_bytes,
+)
 from tests.support import SseParser, eventually
 from tests.unit.test_session_core import BUDGET, FakeTransport, Parts, claims, token
 
@@ -52,6 +60,25 @@ def test_positions_round_trip() -> None:
 def test_bad_ids_are_refused(text: str) -> None:
     with pytest.raises(BadEventId):
         decode_positions(text, 2)
+
+
+def test_the_resume_size_counts_the_longest_id_in_the_url_and_the_header() -> None:
+    longest = encode_positions([("room:1", "x" * POSITION_MAX_CHARS), ("b", "y" * 128)])
+    encoded = 4 * 2  # ":", "=", ",", "=" each become three characters (%3A...)
+    in_url = len("&last_event_id=") + len(longest) + encoded
+    in_header = len("Last-Event-ID: \r\n") + len(longest)
+    assert resume_head_bytes(500, ["room:1", "b"]) == 500 + in_url + in_header
+
+
+@pytest.mark.parametrize("head", [200, 3000, 9000])
+def test_the_channels_that_resume_are_the_most_that_fit(head: int) -> None:
+    channels = [f"room:{n:03d}".ljust(60, "x") for n in range(100)]
+    names = sum(len(c) + 1 for c in channels)
+    fit = channels_that_resume(head + names, channels)
+    kept = head + sum(len(c) + 1 for c in channels[:fit])
+    assert resume_head_bytes(kept, channels[:fit]) <= RESUME_HEAD_MAX_BYTES
+    assert resume_head_bytes(kept + 61, channels[: fit + 1]) > RESUME_HEAD_MAX_BYTES
+    assert channels_that_resume(head, channels[:fit]) == fit
 
 
 # -- the session --------------------------------------------------------------------------------
