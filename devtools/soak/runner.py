@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -20,9 +21,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.cluster import ROOT, ClusterConfig, LocalCluster, free_port, port_open
 from devtools.lifetime import die_with_parent
@@ -46,6 +52,7 @@ SOCKET_ENV = {
 }
 API_ENV = {"PUBLISH_TIMEOUT_S": "5", "BROKER_PROBE_INTERVAL_S": "1", "PUBLISH_RATE_PER_S": "5000"}
 FINISH_DEADLINE_S = 60.0
+RAMPED_SHARE = 0.9  # the load starts once this share of the clients is connected
 
 
 def now_ms() -> float:
@@ -77,12 +84,24 @@ def proc_sample(pid: int | None) -> dict[str, Any]:
     if pid is None:
         return {}
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except (OSError, StopIteration):
+        process = psutil.Process(pid)
+        with process.oneshot():
+            rss_kb, fds = process.memory_info().rss // 1024, process.num_fds()
+    except psutil.Error:
         return {"pid": pid, "gone": True}
-    return {"pid": pid, "rss_kb": rss, "fds": fds}
+    return {"pid": pid, "rss_kb": rss_kb, "fds": fds}
+
+
+async def connected_sessions(cluster: LocalCluster) -> int:
+    """Sessions of every kind open on the socket pods (their `pubsock_connections` gauges)."""
+    total = 0.0
+    async with httpx.AsyncClient(timeout=5) as http:
+        for pod in cluster.sockets:
+            text = (await http.get(f"{pod.url}/metrics")).text
+            for family in text_string_to_metric_families(text):
+                if family.name == "pubsock_connections":
+                    total += sum(sample.value for sample in family.samples)
+    return int(total)
 
 
 def pod_sample(nemesis: Nemesis) -> list[dict[str, Any]]:
@@ -152,41 +171,42 @@ def messages_from_log(path: Path) -> tuple[dict[str, checker.Msg], dict[str, Any
     return messages, stats
 
 
+def _in_groups(pgids: Collection[int]) -> Iterator[tuple[psutil.Process, int]]:
+    """Every live process (zombies included) in one of the process groups, with its group."""
+    for process in psutil.process_iter():
+        try:
+            pgid = os.getpgid(process.pid)
+        except OSError:
+            continue
+        if pgid in pgids:
+            yield process, pgid
+
+
 def cpu_by_group(pgids: dict[int, str]) -> dict[str, float]:
     """CPU seconds (user + system) of every live process in the given process groups, by the
     group's name: what each part cost (the JVM of the emulator included)."""
-    tick = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process, pgid in _in_groups(pgids):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            pgid, utime, stime = int(fields[2]), int(fields[11]), int(fields[12])
-        except (OSError, IndexError, ValueError):
+            times = process.cpu_times()
+        except psutil.Error:
             continue
-        if pgid in pgids:
-            name = pgids[pgid]
-            totals[name] = round(totals.get(name, 0.0) + (utime + stime) / tick, 1)
+        name = pgids[pgid]
+        totals[name] = round(totals.get(name, 0.0) + times.user + times.system, 1)
     return totals
 
 
 def leftovers(pgids: list[int], ports: list[int]) -> dict[str, list[Any]]:
     """Processes still in any group we started, and ports still listening."""
     alive: list[dict[str, Any]] = []
-    wanted = set(pgids)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process, pgid in _in_groups(set(pgids)):
         try:
-            stat = (entry / "stat").read_text()
-            fields = stat.rsplit(")", 1)[1].split()
-            state, pgid = fields[0], int(fields[2])
-        except (OSError, IndexError, ValueError):
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(process.cmdline())
+        except psutil.Error:
             continue
-        if pgid in wanted and state != "Z":
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            alive.append({"pid": int(entry.name), "pgid": pgid, "cmd": cmd[:120]})
+        alive.append({"pid": process.pid, "pgid": pgid, "cmd": cmd[:120]})
     listening = [p for p in ports if port_open(p)]
     return {"processes": alive, "ports": listening}
 
@@ -303,8 +323,20 @@ async def soak(args: argparse.Namespace) -> int:
             await worker.start()
         for worker in workers:
             await worker.wait_line("started", 60)
-        # The clients connect over the ramp; the load starts once most are in.
-        await asyncio.sleep(min(20.0, args.clients / 20) + 2)  # the ramp's length, not a wait
+        # The clients connect over the ramp; the load starts once most are in (some come and go
+        # by design, so not all).
+        wanted = RAMPED_SHARE * int(args.clients)
+
+        def ramped(sessions: int) -> bool:
+            return sessions >= wanted
+
+        await eventually(
+            functools.partial(connected_sessions, cluster),
+            min(20.0, args.clients / 20) + 60,
+            f"{RAMPED_SHARE:.0%} of the clients connected",
+            interval_s=0.5,
+            until=ramped,
+        )
         publishers = [
             Publisher(plan, cluster.lb.url, API_KEY, publish_log)
             for plan in plans(channels, args.publishers, args.rate, rng.randrange(2**31))
