@@ -20,7 +20,14 @@ from tests.support import WsClient
 @pytest.fixture
 async def pod_and_api():
     broker = MemoryBroker()
-    pod = Pod(SocketSettings(broker="memory", port=0, host="127.0.0.1", pod_name="solo"), broker)
+    settings = SocketSettings(
+        broker="memory",
+        port=0,
+        host="127.0.0.1",
+        pod_name="solo",
+        drain_close_window_s=0,  # the teardown's drain closes its clients at once
+    )
+    pod = Pod(settings, broker)
     await pod.start()
     app = create_app(ApiSettings(broker="memory"), broker)
     transport = httpx.ASGITransport(app=app)
