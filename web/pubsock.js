@@ -250,6 +250,7 @@ export class PubsockClient extends EventTarget {
     this._es = null; // the EventSource in SSE mode
     this._wsFailures = 0; // websocket handshakes failed in a row (the SSE fallback counts them)
     this._opened = false;
+    this._refusal = null; // the last refusal reported (_diagnoseStream)
     this._generation = 0;
     this._running = false;
     this._state = "closed";
@@ -749,14 +750,59 @@ export class PubsockClient extends EventTarget {
     for (const type of SSE_EVENTS) es.addEventListener(type, handle);
     // The response ended or failed: the client reconnects (with a fresh token), not the browser.
     es.onerror = () => {
-      if (this._es === es) this._streamLost(es, CLOSE_ABNORMAL, "event stream lost");
+      if (this._es !== es) return;
+      if (!this._opened) swallow(this._diagnoseStream(url));
+      this._streamLost(es, CLOSE_ABNORMAL, "event stream lost");
     };
     this._timers.connect = this._setTimeout(() => {
       if (this._es === es && !this._opened) this._streamLost(es, CLOSE_ABNORMAL, "connect timeout");
     }, this.options.connectTimeoutMs);
   }
 
+  /**
+   * A stream that never opened: EventSource hides the status, so the same request goes once over
+   * fetch. A refusal that will repeat (400: channels invalid, too many or too long to resume;
+   * 403: not allowed) is reported as an `error` {code: "refused", status, message: the server's
+   * reason}, and the subscribes waiting for the stream reject with it. Reconnects go on (with
+   * backoff): unsubscribing the channel at fault, or a new token, lets the stream open.
+   */
+  async _diagnoseStream(url) {
+    if (!this._fetch) return;
+    const aborter = typeof AbortController === "function" ? new AbortController() : null;
+    let response;
+    try {
+      response = await this._fetch(url, {
+        headers: { Accept: "text/event-stream" },
+        credentials: "include",
+        cache: "no-store",
+        signal: aborter?.signal,
+      });
+    } catch {
+      return; // the network: nothing to report
+    }
+    const status = response.status;
+    let message = `the event stream was refused with HTTP ${status}`;
+    if (status === 400 || status === 403) {
+      try {
+        const body = await response.json();
+        if (typeof body?.detail === "string") message = body.detail;
+      } catch {
+        /* not JSON: keep the status */
+      }
+    }
+    aborter?.abort(); // a stream that would open now is not this client's to keep
+    if ((status !== 400 && status !== 403) || !this._running || this._opened) return;
+    if (message === this._refusal) return; // said once per streak of failures
+    this._refusal = message;
+    const error = new PubsockError("refused", message);
+    this._emit("error", { code: "refused", status, message });
+    for (const entry of this._channels.values()) {
+      for (const waiter of entry.waiters.splice(0)) waiter.reject(error);
+    }
+  }
+
   _streamOpened() {
+    this._refusal = null;
     this._clearTimer("connect");
     this._opened = true;
     this._handshakeFailures = 0;

@@ -31,6 +31,8 @@ class SessionLimits:
     ping_interval_s: float
     ping_timeout_s: float
     sse_keepalive_s: float
+    sse_resume_head_max_bytes: int
+    sse_position_max_chars: int
     rewind_max_count: int
     rewind_max_s: float
 

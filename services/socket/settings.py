@@ -61,6 +61,12 @@ class SocketSettings(CommonSettings):
     # GFE, and the 60 s of many proxies on the way).
     sse_enabled: bool = True
     sse_keepalive_s: float = Field(15.0, gt=0)
+    # A stream opens only if its reconnect could carry every channel's position (the id, in the
+    # URL and in Last-Event-ID) within what the proxies in front accept: HAProxy 15 KiB by
+    # default; the pod itself 16 KiB. Positions count at their longest: 128 characters, the
+    # longest message id the api accepts; 26 (its own ULIDs) when publishers never set ids.
+    sse_resume_head_max_bytes: int = Field(15 * 1024, ge=2048, le=16 * 1024)
+    sse_position_max_chars: int = Field(128, ge=14, le=128)
     # socket.io v4 clients (Engine.IO 4 / Socket.IO 5) on the same port: see docs/socketio.md.
     socketio_enabled: bool = True
     socketio_path: str = Field("/socket.io/", pattern=r"^(/[A-Za-z0-9._~-]+)+/$")

@@ -44,12 +44,9 @@ from services.socket.parts import SessionParts
 from services.socket.sse_id import (
     LAST_EVENT_ID_HEADER,
     LAST_EVENT_ID_PARAM,
-    POSITION_MAX_CHARS,
-    RESUME_HEAD_MAX_BYTES,
     BadEventId,
-    channels_that_resume,
+    ResumeBudget,
     decode_positions,
-    resume_head_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -451,6 +448,8 @@ class SseEndpoint:
 
     def __init__(self, parts: SessionParts) -> None:
         self._parts = parts
+        limits = parts.limits
+        self._budget = ResumeBudget(limits.sse_position_max_chars, limits.sse_resume_head_max_bytes)
         registry = parts.registry
         parts.metrics.sse_sessions.set_function(
             lambda: sum(1 for s in registry.snapshot() if isinstance(s, SseSession))
@@ -538,17 +537,6 @@ class SseEndpoint:
                 channels.append(name)
         if len(channels) > limit:
             raise BadStream(400, "bad_request", f"too many channels: at most {limit} a stream")
-        head = _head_without_resume_id(request)
-        if (needed := resume_head_bytes(head, channels)) > RESUME_HEAD_MAX_BYTES:
-            raise BadStream(
-                400,
-                "bad_request",
-                f"this stream could not resume: a reconnect carries every channel's position "
-                f"(at its longest, a {POSITION_MAX_CHARS}-character message id) in the URL and "
-                f"in Last-Event-ID, {needed} bytes here, over {RESUME_HEAD_MAX_BYTES}; "
-                f"the first {channels_that_resume(head, channels)} of these channels fit one "
-                "stream: open another for the rest (or use the websocket)",
-            )
         presence = self._subset(request.query_value("presence"), channels, "presence")
         rewind = self._rewind(request, channels)
         if claims is not None:
@@ -564,6 +552,9 @@ class SseEndpoint:
             positions: dict[str, str] | None = decode_positions(last_event_id.strip(), limit)
         except BadEventId:
             positions = None
+        refusal = self._budget.refusal(_head_without_resume_id(request), channels, positions)
+        if refusal is not None:
+            raise BadStream(400, "bad_request", refusal)
         return StreamRequest(channels, presence, positions, rewind)
 
     @staticmethod

@@ -12,14 +12,15 @@ in the order of the stream's `channels`. Channel names never contain `,` or `=`
 
 The id grows with the stream's channels, and a reconnect carries it twice: in the
 `Last-Event-ID` header EventSource adds, and in the URL's `last_event_id` the browser client sets
-when it reopens a stream. `resume_head_bytes` is that request's size with every position at its
-longest; a stream whose resume would not fit what proxies accept is refused when it opens (a
-stream that can never resume would lose messages on its first reconnect).
+when it reopens a stream. `ResumeBudget` sizes that request with every position at its longest;
+a stream whose resume would not fit what the proxies accept is refused when it opens (a stream
+that can never resume would lose messages on its first reconnect).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from services.core.channels import is_valid_channel
@@ -30,11 +31,9 @@ PAIR_SEPARATOR = ","
 POSITION_SEPARATOR = "="
 LAST_EVENT_ID_PARAM = "last_event_id"
 LAST_EVENT_ID_HEADER = "Last-Event-ID"
-# The longest position: a message id (services/core/ids.py); an `@<ms>` mark is shorter.
-POSITION_MAX_CHARS = 128
-# What a resuming request may take: HAProxy's default buffer (16 KiB) less its rewrite reserve
-# (1 KiB) is the request head it accepts; the pod's own bound is 16 KiB (services/socket/http.py).
-RESUME_HEAD_MAX_BYTES = 15 * 1024
+# Room left at the opening for what a reconnect adds: the load balancer's affinity cookie, a
+# refreshed token that is a little longer.
+RESUME_MARGIN_BYTES = 512
 
 
 class BadEventId(ValueError):
@@ -49,25 +48,55 @@ def encode_positions(pairs: Iterable[tuple[str, str]]) -> str:
     return PAIR_SEPARATOR.join(f"{channel}{POSITION_SEPARATOR}{p}" for channel, p in pairs)
 
 
-def resume_head_bytes(head_without_id: int, channels: Sequence[str]) -> int:
-    """The size of a request head that resumes `channels` with every position at its longest:
-    `head_without_id` (the opening request's head without any id) plus the id percent-encoded
-    in the URL and the id as a header line."""
-    longest = encode_positions((channel, "-" * POSITION_MAX_CHARS) for channel in channels)
-    in_url = len(f"&{LAST_EVENT_ID_PARAM}=") + len(quote(longest, safe=""))
-    in_header = len(LAST_EVENT_ID_HEADER) + len(longest) + 4  # ": " and CRLF
-    return head_without_id + in_url + in_header
+@dataclass(frozen=True, slots=True)
+class ResumeBudget:
+    """Whether a stream could resume: its reconnect request, every channel's position at
+    `position_chars` (SSE_POSITION_MAX_CHARS), must fit `head_max_bytes`
+    (SSE_RESUME_HEAD_MAX_BYTES: what the proxies in front accept)."""
 
+    position_chars: int
+    head_max_bytes: int
 
-def channels_that_resume(head_without_id: int, channels: Sequence[str]) -> int:
-    """How many of the first `channels` one stream may carry and still resume: dropping a
-    channel also takes its name (at least) out of the URL's channel list."""
-    count = len(channels)
-    head = head_without_id
-    while count and resume_head_bytes(head, channels[:count]) > RESUME_HEAD_MAX_BYTES:
-        count -= 1
-        head -= len(channels[count]) + 1
-    return count
+    def head_bytes(self, head_without_id: int, channels: Sequence[str]) -> int:
+        """The size of a request head that resumes `channels`: `head_without_id` (the opening
+        request's head without any id) plus the longest id percent-encoded in the URL and as a
+        header line, the blank line that ends the head, and the margin."""
+        longest = encode_positions((channel, "-" * self.position_chars) for channel in channels)
+        in_url = len(f"&{LAST_EVENT_ID_PARAM}=") + len(quote(longest, safe=""))
+        in_header = len(LAST_EVENT_ID_HEADER) + len(longest) + 4  # ": " and CRLF
+        return head_without_id + in_url + in_header + 2 + RESUME_MARGIN_BYTES
+
+    def channels_that_fit(self, head_without_id: int, channels: Sequence[str]) -> int:
+        """How many of the first `channels` one stream may carry: dropping a channel also
+        takes its name (at least) out of the URL's channel list."""
+        count, head = len(channels), head_without_id
+        while count and self.head_bytes(head, channels[:count]) > self.head_max_bytes:
+            count -= 1
+            head -= len(channels[count]) + 1
+        return count
+
+    def refusal(
+        self, head_without_id: int, channels: Sequence[str], positions: dict[str, str] | None
+    ) -> str | None:
+        """Why this stream may not open, or None. A reconnect whose id names every channel is
+        never refused: the stream was accepted before and its request got here whole."""
+        if positions is not None and all(channel in positions for channel in channels):
+            return None
+        needed = self.head_bytes(head_without_id, channels)
+        if needed <= self.head_max_bytes:
+            return None
+        fit = self.channels_that_fit(head_without_id, channels)
+        advice = (
+            f"the first {fit} of these channels fit one stream: open another for the rest"
+            if fit
+            else "not one of these channels fits: shorten the token or the channel names"
+        )
+        return (
+            f"this stream could not resume: a reconnect carries every channel's position (up to "
+            f"{self.position_chars} characters, SSE_POSITION_MAX_CHARS) in the URL and in "
+            f"Last-Event-ID, {needed} bytes here with a {RESUME_MARGIN_BYTES}-byte margin, over "
+            f"SSE_RESUME_HEAD_MAX_BYTES {self.head_max_bytes}; {advice} (or use the websocket)"
+        )
 
 
 def decode_positions(text: str, max_channels: int) -> dict[str, str]:

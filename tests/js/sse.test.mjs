@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { formatEventId, parseEventId } from "../../web/pubsock.js";
-import { eventSourceClass, fakeFetch, makeToken, response } from "./fakes.mjs";
+import { eventSourceClass, fakeFetch, flush, makeToken, response } from "./fakes.mjs";
 import { nextSocket, nextStream, setup } from "./harness.mjs";
 
 const START_S = 1_700_000_000;
@@ -261,6 +261,39 @@ test("a stream that never opens counts as a failed handshake", async () => {
   second.end();
   await ctx.clock.advance(ctx.events.of("reconnecting").at(-1).delay);
   assert.equal((await nextStream(ctx, 3)).params.get("token"), tokens[1]);
+});
+
+test("a refused stream reports the server's reason once and rejects the waiting subscribes", async () => {
+  const detail = "this stream could not resume: ... the first 41 of these channels fit one stream";
+  const fetch = fakeFetch((url) => (String(url).includes("/sse?") ? response(400, { detail }) : null));
+  const ctx = sseSetup({ fetch });
+  const waiting = ctx.client.subscribe("room:1", () => {});
+  ctx.client.connect();
+  (await nextStream(ctx, 1)).end();
+  await assert.rejects(waiting, (error) => error.code === "refused" && error.message === detail);
+  assert.deepEqual(ctx.events.of("error"), [{ code: "refused", status: 400, message: detail }]);
+  const asked = fetch.calls.find((c) => String(c.url).includes("/sse?"));
+  assert.equal(asked.url, ctx.ES.instances[0].url); // the very request the EventSource made
+  await ctx.clock.advance(ctx.events.of("reconnecting").at(-1).delay);
+  (await nextStream(ctx, 2)).end(); // refused again: reconnects go on, said once
+  await flush(10);
+  assert.equal(ctx.events.of("error").length, 1);
+  assert.equal(fetch.calls.filter((c) => String(c.url).includes("/sse?")).length, 2);
+});
+
+test("a stream that failed for a reason that passes (503, network) reports nothing", async () => {
+  const fetch = fakeFetch((url) =>
+    String(url).includes("/sse?") ? response(503, { detail: "draining" }, { "Retry-After": "5" }) : null,
+  );
+  const ctx = sseSetup({ fetch });
+  ctx.client.subscribe("room:1", () => {});
+  ctx.client.connect();
+  (await nextStream(ctx, 1)).end();
+  await flush(10);
+  assert.equal(fetch.calls.filter((c) => String(c.url).includes("/sse?")).length, 1);
+  assert.deepEqual(ctx.events.of("error"), []);
+  await ctx.clock.advance(ctx.events.of("reconnecting").at(-1).delay);
+  await nextStream(ctx, 2);
 });
 
 test("presence queries go over HTTP with the token", async () => {

@@ -16,13 +16,11 @@ from services.socket.http import parse_head
 from services.socket.parts import SessionLimits, SessionParts
 from services.socket.sse import SSE, SseEndpoint, SseFraming, SseSession
 from services.socket.sse_id import (
-    POSITION_MAX_CHARS,
-    RESUME_HEAD_MAX_BYTES,
+    RESUME_MARGIN_BYTES,
     BadEventId,
-    channels_that_resume,
+    ResumeBudget,
     decode_positions,
     encode_positions,
-    resume_head_bytes,
 )
 from tests.support import SseParser, eventually
 from tests.unit.test_session_core import BUDGET, FakeTransport, Parts, claims, token
@@ -62,23 +60,50 @@ def test_bad_ids_are_refused(text: str) -> None:
         decode_positions(text, 2)
 
 
+BUDGET_15K = ResumeBudget(position_chars=128, head_max_bytes=15 * 1024)
+
+
 def test_the_resume_size_counts_the_longest_id_in_the_url_and_the_header() -> None:
-    longest = encode_positions([("room:1", "x" * POSITION_MAX_CHARS), ("b", "y" * 128)])
+    longest = encode_positions([("room:1", "x" * 128), ("b", "y" * 128)])
     encoded = 4 * 2  # ":", "=", ",", "=" each become three characters (%3A...)
     in_url = len("&last_event_id=") + len(longest) + encoded
     in_header = len("Last-Event-ID: \r\n") + len(longest)
-    assert resume_head_bytes(500, ["room:1", "b"]) == 500 + in_url + in_header
+    end_of_head = 2
+    assert BUDGET_15K.head_bytes(500, ["room:1", "b"]) == (
+        500 + in_url + in_header + end_of_head + RESUME_MARGIN_BYTES
+    )
+    shorter = ResumeBudget(position_chars=26, head_max_bytes=15 * 1024)
+    assert (
+        shorter.head_bytes(500, ["room:1", "b"])
+        == BUDGET_15K.head_bytes(500, ["room:1", "b"]) - 4 * 102
+    )
 
 
-@pytest.mark.parametrize("head", [200, 3000, 9000])
-def test_the_channels_that_resume_are_the_most_that_fit(head: int) -> None:
+@pytest.mark.parametrize("head", [200, 3000, 6000])
+@pytest.mark.parametrize("budget", [BUDGET_15K, ResumeBudget(26, 8 * 1024)])
+def test_the_channels_that_fit_are_the_most_that_do(head: int, budget: ResumeBudget) -> None:
     channels = [f"room:{n:03d}".ljust(60, "x") for n in range(100)]
     names = sum(len(c) + 1 for c in channels)
-    fit = channels_that_resume(head + names, channels)
+    fit = budget.channels_that_fit(head + names, channels)
     kept = head + sum(len(c) + 1 for c in channels[:fit])
-    assert resume_head_bytes(kept, channels[:fit]) <= RESUME_HEAD_MAX_BYTES
-    assert resume_head_bytes(kept + 61, channels[: fit + 1]) > RESUME_HEAD_MAX_BYTES
-    assert channels_that_resume(head, channels[:fit]) == fit
+    assert 0 < fit < len(channels)
+    assert budget.head_bytes(kept, channels[:fit]) <= budget.head_max_bytes
+    assert budget.head_bytes(kept + 61, channels[: fit + 1]) > budget.head_max_bytes
+    assert budget.refusal(kept, channels[:fit], None) is None
+    refusal = budget.refusal(kept + 61, channels[: fit + 1], None)
+    assert refusal is not None and f"the first {fit} of these channels" in refusal
+
+
+def test_a_reconnect_naming_every_channel_is_never_refused() -> None:
+    """The stream was accepted before; its reconnect got here whole (a cookie the load balancer
+    set since, a longer token), so refusing it would lose the very stream the rule protects."""
+    channels = [f"room:{n:03d}".ljust(60, "x") for n in range(100)]
+    every = {channel: "01HV5XK4Z8D3Q2M7R9T1W6Y0AB" for channel in channels}
+    assert BUDGET_15K.refusal(14_000, channels, every) is None
+    assert BUDGET_15K.refusal(14_000, channels, dict(list(every.items())[1:])) is not None
+    assert BUDGET_15K.refusal(14_000, channels, None) is not None  # an unreadable id
+    nothing_fits = BUDGET_15K.refusal(15_000, channels[:1], {})
+    assert nothing_fits is not None and "not one of these channels fits" in nothing_fits
 
 
 # -- the session --------------------------------------------------------------------------------
