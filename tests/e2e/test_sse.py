@@ -145,3 +145,32 @@ def test_bare_eventsource_resumes_with_last_event_id_after_sigkill(
     assert sorted((s["channel"], s["recovered"]) for s in resumed) == [(a, True), (b, True)]
     assert page.page.evaluate("window.sse.errors") >= 1  # the browser saw the stream end
     page.page.evaluate("window.sse.source.close()")
+
+
+def test_a_stream_too_long_to_resume_is_refused_with_the_servers_reason(
+    pods_up, blocked_lb, open_page, room
+):
+    """The page's one stream grows past what its reconnect could carry (60 more channels of 120
+    characters): the pod refuses it with 400. EventSource cannot see that, so the client asks
+    again over fetch and reports the server's reason: the subscribes that overflowed reject
+    with it, and the page shows it as an error event."""
+    ada: DemoPage = open_page(blocked_lb)
+    ada.join("Ada", room)
+    expect(ada.event("transport")).to_have_count(1)
+    outcome = ada.page.evaluate(
+        """async (prefix) => {
+            const client = window.pubsockDemo.client;
+            const names = Array.from({ length: 60 }, (_, i) =>
+                `${prefix}-${String(i).padStart(3, "0")}-`.padEnd(120, "x"));
+            try {
+                await Promise.all(names.map((name) => client.subscribe(name, () => {})));
+                return { code: "opened" };
+            } catch (error) {
+                return { code: error.code, message: error.message };
+            }
+        }""",
+        f"demo:{room}",
+    )
+    assert outcome["code"] == "refused", outcome
+    assert "could not resume" in outcome["message"] and "the first" in outcome["message"]
+    expect(ada.event("error")).to_have_count(1)
