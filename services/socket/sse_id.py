@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from services.core.channels import is_valid_channel
 from services.core.ids import is_valid_message_id
@@ -48,6 +47,12 @@ def encode_positions(pairs: Iterable[tuple[str, str]]) -> str:
     return PAIR_SEPARATOR.join(f"{channel}{POSITION_SEPARATOR}{p}" for channel, p in pairs)
 
 
+def _escaped_in(channel: str) -> int:
+    """How many characters of a channel name percent-encoding escapes (services/core/channels:
+    of its alphabet, `:` and `@`)."""
+    return channel.count(":") + channel.count("@")
+
+
 @dataclass(frozen=True, slots=True)
 class ResumeBudget:
     """Whether a stream could resume: its reconnect request, every channel's position at
@@ -61,9 +66,14 @@ class ResumeBudget:
         """The size of a request head that resumes `channels`: `head_without_id` (the opening
         request's head without any id) plus the longest id percent-encoded in the URL and as a
         header line, the blank line that ends the head, and the margin."""
-        longest = encode_positions((channel, "-" * self.position_chars) for channel in channels)
-        in_url = len(f"&{LAST_EVENT_ID_PARAM}=") + len(quote(longest, safe=""))
-        in_header = len(LAST_EVENT_ID_HEADER) + len(longest) + 4  # ": " and CRLF
+        # Counted, not built (a stream's open pays this): each pair is `<channel>=<position>`,
+        # pairs joined by `,`. Percent-encoding makes `=`, `,` and a channel's `:` and `@`
+        # three characters each; everything else in a channel or a position is left as is.
+        raw = sum(len(channel) for channel in channels) + len(channels) * (1 + self.position_chars)
+        raw += len(channels) - 1  # the commas
+        escaped = 2 * (2 * len(channels) - 1 + sum(_escaped_in(channel) for channel in channels))
+        in_url = len(f"&{LAST_EVENT_ID_PARAM}=") + raw + escaped
+        in_header = len(LAST_EVENT_ID_HEADER) + raw + 4  # ": " and CRLF
         return head_without_id + in_url + in_header + 2 + RESUME_MARGIN_BYTES
 
     def channels_that_fit(self, head_without_id: int, channels: Sequence[str]) -> int:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from services.core.channels import CHANNEL_PATTERN
 from services.core.closecodes import CloseCode
 from services.core.protocol import RewindSpec
 from services.socket.history import Entry
@@ -77,6 +81,18 @@ def test_the_resume_size_counts_the_longest_id_in_the_url_and_the_header() -> No
         shorter.head_bytes(500, ["room:1", "b"])
         == BUDGET_15K.head_bytes(500, ["room:1", "b"]) - 4 * 102
     )
+
+
+@given(
+    st.lists(st.from_regex(CHANNEL_PATTERN, fullmatch=True), min_size=1, max_size=20),
+    st.integers(14, 128),
+)
+def test_the_counted_size_is_the_built_ids(channels: list[str], chars: int) -> None:
+    """The budget counts what building the id and percent-encoding it would give."""
+    longest = encode_positions((channel, "x" * chars) for channel in channels)
+    built = len("&last_event_id=") + len(quote(longest, safe="")) + len("Last-Event-ID: \r\n")
+    built += len(longest) + 2 + RESUME_MARGIN_BYTES
+    assert ResumeBudget(chars, 15 * 1024).head_bytes(0, channels) == built
 
 
 @pytest.mark.parametrize("head", [200, 3000, 6000])
