@@ -155,9 +155,11 @@ def ensure_pods_up(lb_url: str, pods: list[Service], timeout_s: float = 60) -> N
         )
 
 
-async def metric(url: str, name: str, *, unreachable: float | None = None) -> float:
-    """The sum of the series of a metric at `url`/metrics (0 while it has none). `unreachable`,
-    when given, is the answer while nothing answers at `url`."""
+async def metric(
+    url: str, name: str | tuple[str, ...], *, unreachable: float | None = None
+) -> float:
+    """The sum of the series of a metric (or of several) at `url`/metrics (0 while it has
+    none). `unreachable`, when given, is the answer while nothing answers at `url`."""
     try:
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"{url}/metrics")).text
@@ -165,7 +167,9 @@ async def metric(url: str, name: str, *, unreachable: float | None = None) -> fl
         if unreachable is None:
             raise
         return unreachable
-    series = [line for line in text.splitlines() if line.startswith((f"{name} ", f"{name}{{"))]
+    names = (name,) if isinstance(name, str) else name
+    starts = tuple(f"{n}{end}" for n in names for end in (" ", "{"))
+    series = [line for line in text.splitlines() if line.startswith(starts)]
     return sum((float(line.rsplit(" ", 1)[1]) for line in series), 0.0)
 
 
