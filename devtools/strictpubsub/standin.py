@@ -29,7 +29,7 @@ import logging
 import random
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +47,8 @@ SUBSCRIBER = "/google.pubsub.v1.Subscriber/"
 REPLAY_ACK_PREFIX = "strictpubsub-replay-"
 TAP_CATCH_UP_S = 5.0
 UNSEEN_FORGET_S = 10.0
+EARLY_MAX = 10_000
+_ABSENT = object()
 UNAVAILABLE_TEXT = "The service was unable to fulfill your request. Please try again. [Code: 14]"
 
 _PublishRequest: Any = pubsub_types.PublishRequest.pb()
@@ -106,8 +108,20 @@ class Topic:
     retention_ms: int
     messages: deque[tuple[int, Any]] = field(default_factory=deque)  # (publish ms, PubsubMessage)
     unseen: dict[str, float] = field(default_factory=dict)  # published, not yet tapped
+    # Tapped before their Publish returned here (the tap can be that quick): not unseen.
+    early: OrderedDict[str, None] = field(default_factory=OrderedDict)
     tapped: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+
+    def published(self, message_id: str, sent: float) -> None:
+        if self.early.pop(message_id, _ABSENT) is _ABSENT:
+            self.unseen[message_id] = sent
+
+    def tapped_one(self, message_id: str) -> None:
+        if self.unseen.pop(message_id, _ABSENT) is _ABSENT:
+            self.early[message_id] = None
+            while len(self.early) > EARLY_MAX:  # published elsewhere, not through the stand-in
+                self.early.popitem(last=False)
 
     def trim(self) -> None:
         if not self.retention_ms:
@@ -365,7 +379,11 @@ class StandIn:
             "seek_fails": self.seek_fails,
             "outage_s": max(0.0, self.outage_until - time.monotonic()),
             "topics": {
-                path: {"retained": len(topic.messages), "retention_ms": topic.retention_ms}
+                path: {
+                    "retained": len(topic.messages),
+                    "retention_ms": topic.retention_ms,
+                    "unseen": len(topic.unseen),
+                }
                 for path, topic in self._topics.items()
             },
         }
@@ -424,7 +442,7 @@ class StandIn:
         response_raw = await self._forward(method, raw, context)
         if topic is not None:
             for message_id in _PublishResponse.FromString(response_raw).message_ids:
-                topic.unseen[message_id] = sent
+                topic.published(message_id, sent)
         return response_raw
 
     async def _topic(self, path: str, context: grpc.aio.ServicerContext | None) -> Topic | None:
@@ -481,7 +499,7 @@ class StandIn:
                     for received in response.received_messages:
                         message = received.message
                         topic.messages.append((_publish_ms(message), message))
-                        topic.unseen.pop(message.message_id, None)
+                        topic.tapped_one(message.message_id)
                         ack_ids.append(received.ack_id)
                     topic.trim()
                     topic.tapped.set()
@@ -512,9 +530,13 @@ class StandIn:
         self, method: str, raw: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = _Subscription.FromString(raw)
-        floor_ms = _now_ms()  # messages published before the request are not the new one's
         await self._topic(request.topic, None)
         response = await self._forward(method, raw, context)
+        # The new subscription's own messages are those published once the emulator has it:
+        # taken before the call, the floor let a message published during it fall between a
+        # seek's replay (below the floor) and the emulator's delivery (which began later).
+        # +1: a message stamped in this millisecond may predate the creation.
+        floor_ms = _now_ms() + 1
         self._subs[request.name] = SubState(request.name, request.topic, floor_ms)
         return response
 

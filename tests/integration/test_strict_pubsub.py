@@ -175,6 +175,23 @@ class Puller:
                         got.append(data)
         return got
 
+    async def take_until(
+        self, last: dict[str, bytes], timeout_s: float = 20
+    ) -> dict[str, list[bytes]]:
+        """Messages of each key in `last` until that key's last one came; acknowledged."""
+        got: dict[str, list[bytes]] = {key: [] for key in last}
+        async with asyncio.timeout(timeout_s):
+            while any(not got[key] or got[key][-1] != data for key, data in last.items()):
+                response = await self.call.read()
+                assert response is not grpc.aio.EOF
+                for received in response.received_messages:
+                    if received.message.ordering_key in got:
+                        got[received.message.ordering_key].append(received.message.data)
+                self.requests.put_nowait(
+                    StreamingPullRequest(ack_ids=[m.ack_id for m in response.received_messages])
+                )
+        return got
+
     def close(self) -> None:
         self.requests.put_nowait(None)
         self.call.cancel()
@@ -330,6 +347,85 @@ async def test_seek_to_a_time_replays_the_retained_messages_first(channel_to) ->
     got = await puller.take(3, key)
     assert got == [b"one", b"two", b"three"]
     puller.close()
+
+
+async def seek(channel: grpc.aio.Channel, subscription: str, since: float) -> None:
+    seconds = int(since)
+    await unary(channel, SUB + "Seek", SeekResponse)(
+        SeekRequest(
+            subscription=subscription,
+            time={"seconds": seconds, "nanos": int((since - seconds) * 1e9)},
+        ),
+        timeout=10,
+    )
+
+
+async def test_a_subscription_created_amid_publishing_and_seeked_back_misses_nothing(
+    channel_to,
+) -> None:
+    """Seeked back to before its creation, a subscription gets every message published since,
+    in order: those published while it was being created too. The real service replays from
+    the seek time on; the stand-in's replay must end where the emulator's own delivery begins
+    (a message published during the CreateSubscription call was lost between the two)."""
+    channel = channel_to()
+    for round_ in range(6):
+        keys = [unique_name(f"amid-{round_}-{n}") for n in range(3)]
+        since = time.time()
+        published, subscription = await _created_amid_publishing(channel, keys)
+        await seek(channel, subscription, since)
+        puller = Puller(channel, subscription)
+        assert await puller.take_until({key: b"end" for key in keys}) == published
+        puller.close()
+
+
+async def _created_amid_publishing(
+    channel: grpc.aio.Channel, keys: list[str]
+) -> tuple[dict[str, list[bytes]], str]:
+    """Creates a subscription while `keys` are published to, one message after another; what
+    was published (each key's last message is b"end") and the subscription."""
+    published: dict[str, list[bytes]] = {key: [] for key in keys}
+    stop = asyncio.Event()
+
+    def count() -> int:
+        return sum(len(sent) for sent in published.values())
+
+    async def publish_until_stopped(key: str) -> None:
+        while not stop.is_set():
+            data = str(len(published[key])).encode()
+            await publish(channel, message(data, key=key))
+            published[key].append(data)
+        await publish(channel, message(b"end", key=key))
+        published[key].append(b"end")
+
+    publishers = [asyncio.create_task(publish_until_stopped(key)) for key in keys]
+    await eventually(count, 10, "a few messages published", interval_s=0.01, until=lambda n: n >= 6)
+    subscription = await create_subscription(channel)
+    before = count()
+    await eventually(
+        count, 10, "more messages published", interval_s=0.01, until=lambda n: n >= before + 6
+    )
+    stop.set()
+    await asyncio.gather(*publishers)
+    return published, subscription
+
+
+async def test_every_message_published_is_tapped_and_no_seek_waits_for_it(strict, channel_to):
+    """The stand-in's tap can read a message before the Publish that sent it has returned. Such
+    a message must still count as tapped: one left "unseen" made every later seek wait out
+    the catch-up bound (5 s), and the fault tests' pods recover that much slower."""
+    channel = channel_to()
+    key = unique_name("tapped")
+    for _ in range(10):
+        await asyncio.gather(
+            *(publish(channel, message(str(n).encode(), key=f"{key}-{n}")) for n in range(30))
+        )
+    await eventually(
+        lambda: strict.state()["topics"][TOPIC_PATH]["unseen"],
+        5,
+        "every message published to be tapped",
+        interval_s=0.1,
+        until=lambda unseen: unseen == 0,
+    )
 
 
 async def test_seeks_fail_on_command(strict: StrictPubSub, channel_to) -> None:
