@@ -200,18 +200,19 @@ async def _emulator_restart(faulty: LocalCluster, pod, channel: str) -> None:
 
 
 async def test_a_deleted_subscription_is_recreated_and_the_gap_replayed(faulty, channel):
-    """Someone deletes the pod's subscription: the pod recreates it, seeks back to where the
-    stream broke, and its clients get every message, the ones published meanwhile included,
-    without a break."""
+    """Someone deletes the pod's subscription under steady publishing: the pod recreates it,
+    seeks back to where the stream broke, and its clients get every message, those published
+    meanwhile included, in order, once, without a break."""
     pod = faulty.sockets[1]
-    client = await WsClient.connect(pod.ws_url)
-    await client.subscribe(channel)
+    follower = Follower(channel)
+    await follower.attach(pod.ws_url)
     breaks = await metric(pod.url, "pubsock_unprovable_breaks_total")
     listing = f"http://{faulty.emulator.host}/v1/projects/local-project/subscriptions"
-    async with httpx.AsyncClient(base_url=faulty.api.url) as api, httpx.AsyncClient() as http:
-        first = (await api.post(f"/v1/channels/{channel}/messages", json={"data": 1})).json()["id"]
-        assert (await client.next("message", timeout=30))["id"] == first
-
+    publisher = Publisher(faulty.api.url, channel, rate_per_s=40)
+    publisher.start()
+    await publisher.accepted_at_least(5)
+    await follower.drain_until(publisher.accepted[4])
+    async with httpx.AsyncClient() as http:
         # After the emulator restart of the test before, the pod may still be recreating it.
         async def subscriptions_of_the_pod() -> list[str]:
             subs = (await http.get(listing)).json().get("subscriptions", [])
@@ -222,14 +223,14 @@ async def test_a_deleted_subscription_is_recreated_and_the_gap_replayed(faulty, 
         )
         assert len(mine) == 1
         await http.delete(f"http://{faulty.emulator.host}/v1/{mine[0]}")
-        sent = [
-            (await api.post(f"/v1/channels/{channel}/messages", json={"data": n})).json()["id"]
-            for n in range(2, 7)
-        ]
+    await publisher.accepted_at_least(len(publisher.accepted) + 40)
+    accepted = await publisher.stop()
     # The pod learns of the deletion from its stream (NOT_FOUND) or, if the emulator keeps the
     # stream open, by going deaf (DEAF_AFTER_S=5); both reopen with backoff.
-    assert [f["id"] for f in await client.messages(len(sent), timeout=60)] == sent
+    await follower.drain_until(accepted[-1], timeout_s=60)
+    assert follower.ids == accepted  # nothing lost, nothing twice, the same order
     assert await metric(pod.url, "pubsock_unprovable_breaks_total") == breaks
+    report("deleted_subscription", published=len(accepted), delivered=len(follower.ids))
 
 
 async def test_a_cold_pod_recovers_a_client_from_retained_messages(faulty, channel):
