@@ -30,7 +30,7 @@ import random
 import secrets
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,12 +110,23 @@ class Topic:
     unseen: dict[str, float] = field(default_factory=dict)  # published, not yet tapped
     # Tapped before their Publish returned here (the tap can be that quick): not unseen.
     early: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    tapped: asyncio.Event = field(default_factory=asyncio.Event)
+    # Publish calls forwarded and not yet answered (their messages' ids are not known yet).
+    in_flight: dict[int, float] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # a tap read, a Publish answer
     task: asyncio.Task[None] | None = None
+    _calls: Iterator[int] = field(default_factory=itertools.count)
 
-    def published(self, message_id: str, sent: float) -> None:
-        if self.early.pop(message_id, _ABSENT) is _ABSENT:
-            self.unseen[message_id] = sent
+    def publishing(self, sent: float) -> int:
+        call = next(self._calls)
+        self.in_flight[call] = sent
+        return call
+
+    def published(self, call: int, message_ids: Iterable[str]) -> None:
+        sent = self.in_flight.pop(call)
+        for message_id in message_ids:
+            if self.early.pop(message_id, _ABSENT) is _ABSENT:
+                self.unseen[message_id] = sent
+        self.changed.set()
 
     def tapped_one(self, message_id: str) -> None:
         if self.unseen.pop(message_id, _ABSENT) is _ABSENT:
@@ -132,20 +143,21 @@ class Topic:
             self.messages.popleft()
 
     async def caught_up(self, before: float, timeout_s: float) -> bool:
-        """Waits until every message published before `before` (monotonic) is tapped."""
+        """Waits until every message published before `before` (monotonic) is tapped, those
+        of Publish calls not yet answered included."""
         deadline = time.monotonic() + timeout_s
         # A message published while the tap itself was gone (the emulator restarted) never
         # comes: forget what waited longer than any tap lag.
         stale = time.monotonic() - UNSEEN_FORGET_S
         for message_id in [m for m, sent in self.unseen.items() if sent < stale]:
             del self.unseen[message_id]
-        while any(sent <= before for sent in self.unseen.values()):
+        while any(sent <= before for sent in (*self.unseen.values(), *self.in_flight.values())):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self.tapped.clear()
+            self.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.tapped.wait(), remaining)
+                await asyncio.wait_for(self.changed.wait(), remaining)
         return True
 
 
@@ -438,11 +450,15 @@ class StandIn:
         request = _PublishRequest.FromString(raw)
         await self._check(context, "publish", check_publish(request))
         topic = await self._topic(request.topic, context)
-        sent = time.monotonic()
-        response_raw = await self._forward(method, raw, context)
-        if topic is not None:
-            for message_id in _PublishResponse.FromString(response_raw).message_ids:
-                topic.published(message_id, sent)
+        if topic is None:
+            return await self._forward(method, raw, context)
+        call = topic.publishing(time.monotonic())
+        message_ids: Iterable[str] = ()
+        try:
+            response_raw = await self._forward(method, raw, context)
+            message_ids = _PublishResponse.FromString(response_raw).message_ids
+        finally:
+            topic.published(call, message_ids)
         return response_raw
 
     async def _topic(self, path: str, context: grpc.aio.ServicerContext | None) -> Topic | None:
@@ -502,7 +518,7 @@ class StandIn:
                         topic.tapped_one(message.message_id)
                         ack_ids.append(received.ack_id)
                     topic.trim()
-                    topic.tapped.set()
+                    topic.changed.set()
                     if ack_ids:
                         requests.put_nowait(
                             _StreamingPullRequest(ack_ids=ack_ids).SerializeToString()
