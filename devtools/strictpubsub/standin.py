@@ -526,6 +526,7 @@ class StandIn:
             except grpc.aio.AioRpcError as exc:
                 log.info("tap stream ended", extra={"code": exc.code().name})
                 if exc.code() == grpc.StatusCode.NOT_FOUND:  # the emulator restarted: again
+                    topic.early.clear()  # its message ids start over
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await self._channel.unary_unary(SUBSCRIBER + "CreateSubscription")(
                             _Subscription(
