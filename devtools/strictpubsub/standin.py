@@ -169,6 +169,8 @@ class SubState:
     topic: str
     floor_ms: int  # messages published before this are not the subscription's
     replay: deque[Any] = field(default_factory=deque)  # PubsubMessages to deliver first
+    # Replayed from the floor's own millisecond: the emulator may deliver them too (dropped).
+    replayed_at_floor: set[str] = field(default_factory=set)
     streams: set[Stream] = field(default_factory=set)
     # A key's messages that must come again before its later ones go out: given back from a
     # stream that ended (None), or handed out there and not acknowledged (their ack id).
@@ -526,7 +528,8 @@ class StandIn:
             except grpc.aio.AioRpcError as exc:
                 log.info("tap stream ended", extra={"code": exc.code().name})
                 if exc.code() == grpc.StatusCode.NOT_FOUND:  # the emulator restarted: again
-                    topic.early.clear()  # its message ids start over
+                    topic.early.clear()  # its message ids start over; the old ones are gone
+                    topic.unseen.clear()
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await self._channel.unary_unary(SUBSCRIBER + "CreateSubscription")(
                             _Subscription(
@@ -551,9 +554,10 @@ class StandIn:
         response = await self._forward(method, raw, context)
         # The new subscription's own messages are those published once the emulator has it:
         # taken before the call, the floor let a message published during it fall between a
-        # seek's replay (below the floor) and the emulator's delivery (which began later).
-        # +1: a message stamped in this millisecond may predate the creation.
-        floor_ms = _now_ms() + 1
+        # seek's replay and the emulator's delivery (which began later). A message stamped in
+        # the floor's own millisecond may come before or after the creation: the emulator's
+        # copy is kept, and a seek replays it too (then the emulator's copy is dropped).
+        floor_ms = _now_ms()
         self._subs[request.name] = SubState(request.name, request.topic, floor_ms)
         return response
 
@@ -584,14 +588,22 @@ class StandIn:
             )
         time_ms = int(request.time.seconds * 1000 + request.time.nanos // 1_000_000)
         topic = await self._topic(sub.topic, None)
-        if topic is not None:
-            await topic.caught_up(time.monotonic(), TAP_CATCH_UP_S)
-            topic.trim()
-        if time_ms >= sub.floor_ms:
+        if time_ms > sub.floor_ms:
             sub.floor_ms = time_ms  # forward: older messages are acknowledged
             sub.replay.clear()
+            sub.replayed_at_floor.clear()
         elif topic is not None:
-            sub.replay = deque(m for p, m in topic.messages if time_ms <= p < sub.floor_ms)
+            if not await topic.caught_up(time.monotonic(), TAP_CATCH_UP_S):
+                log.warning(
+                    "seek: the tap has not read every message published before it; the replay "
+                    "may miss some",
+                    extra={"subscription": sub.path, "unseen": len(topic.unseen)},
+                )
+            topic.trim()
+            sub.replay = deque(m for p, m in topic.messages if time_ms <= p <= sub.floor_ms)
+            sub.replayed_at_floor = {
+                m.message_id for m in sub.replay if _publish_ms(m) == sub.floor_ms
+            }
             for stream in sub.streams:
                 stream.events.put_nowait(("replay",))
         log.info(
@@ -794,14 +806,18 @@ class StandIn:
                 kept = []
                 dropped = []
                 for received in response.received_messages:
-                    if _publish_ms(received.message) < sub.floor_ms:
+                    published_ms = _publish_ms(received.message)
+                    if published_ms < sub.floor_ms or (
+                        published_ms == sub.floor_ms
+                        and received.message.message_id in sub.replayed_at_floor
+                    ):
                         dropped.append(received.ack_id)
                         place = _place(received.message)
                         if place is not None and sub.settle(*place):  # it never goes out
                             sub.wake()
                     else:
                         kept.append(received)
-                if dropped:  # not this subscription's: published before its creation or seek
+                if dropped:  # not its own (published before its creation or seek) or replayed
                     self.refused["pre_creation_dropped"] += len(dropped)
                     upstream_requests.put_nowait(
                         _StreamingPullRequest(ack_ids=dropped).SerializeToString()

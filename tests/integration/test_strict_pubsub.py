@@ -327,6 +327,19 @@ async def test_a_new_subscription_sees_only_messages_published_after_it(channel_
     puller.close()
 
 
+async def test_a_message_published_once_the_subscription_exists_is_delivered(channel_to):
+    """Published right after CreateSubscription returned, a message is the subscription's, even
+    within the same millisecond (no seek follows to replay it)."""
+    channel = channel_to()
+    for round_ in range(10):
+        key = unique_name(f"right-after-{round_}")
+        subscription = await create_subscription(channel)
+        await publish(channel, message(b"right after", key=key))
+        puller = Puller(channel, subscription)
+        assert await puller.take(1, key) == [b"right after"]
+        puller.close()
+
+
 async def test_seek_to_a_time_replays_the_retained_messages_first(channel_to) -> None:
     channel = channel_to()
     key = unique_name("seek")
