@@ -340,28 +340,6 @@ async def test_a_message_published_once_the_subscription_exists_is_delivered(cha
         puller.close()
 
 
-async def test_seek_to_a_time_replays_the_retained_messages_first(channel_to) -> None:
-    channel = channel_to()
-    key = unique_name("seek")
-    since = time.time()
-    await publish(channel, message(b"one", key=key))
-    await publish(channel, message(b"two", key=key))
-    subscription = await create_subscription(channel)
-    seconds = int(since)
-    await unary(channel, SUB + "Seek", SeekResponse)(
-        SeekRequest(
-            subscription=subscription,
-            time={"seconds": seconds, "nanos": int((since - seconds) * 1e9)},
-        ),
-        timeout=10,
-    )
-    await publish(channel, message(b"three", key=key))
-    puller = Puller(channel, subscription)
-    got = await puller.take(3, key)
-    assert got == [b"one", b"two", b"three"]
-    puller.close()
-
-
 async def seek(channel: grpc.aio.Channel, subscription: str, since: float) -> None:
     seconds = int(since)
     await unary(channel, SUB + "Seek", SeekResponse)(
@@ -371,6 +349,21 @@ async def seek(channel: grpc.aio.Channel, subscription: str, since: float) -> No
         ),
         timeout=10,
     )
+
+
+async def test_seek_to_a_time_replays_the_retained_messages_first(channel_to) -> None:
+    channel = channel_to()
+    key = unique_name("seek")
+    since = time.time()
+    await publish(channel, message(b"one", key=key))
+    await publish(channel, message(b"two", key=key))
+    subscription = await create_subscription(channel)
+    await seek(channel, subscription, since)
+    await publish(channel, message(b"three", key=key))
+    puller = Puller(channel, subscription)
+    got = await puller.take(3, key)
+    assert got == [b"one", b"two", b"three"]
+    puller.close()
 
 
 async def test_a_subscription_created_amid_publishing_and_seeked_back_misses_nothing(
