@@ -17,7 +17,10 @@ class MessageIn(BaseModel):
     id: str | None = Field(
         default=None,
         pattern=ID_PATTERN,
-        description="Optional idempotency key, unique within the channel (a UUID is right).",
+        description=(
+            "Optional idempotency key, unique within the channel. A time-ordered one (ULID, "
+            "UUIDv7) lets a pod that has not received it yet wait for it on a resume."
+        ),
     )
 
 
