@@ -31,6 +31,7 @@ from devtools.cluster import (
     free_port,
 )
 from devtools.demo import DEMO_ENV
+from devtools.metrics import metric
 from devtools.waiting import DEFAULT_TIMEOUT_S, WaitTimeout, eventually, wait_until
 from services.core.auth import mint_token
 
@@ -153,24 +154,6 @@ def ensure_pods_up(lb_url: str, pods: list[Service], timeout_s: float = 60) -> N
             timeout_s,
             f"the load balancer to route to {name}",
         )
-
-
-async def metric(
-    url: str, name: str | tuple[str, ...], *, unreachable: float | None = None
-) -> float:
-    """The sum of the series of a metric (or of several) at `url`/metrics (0 while it has
-    none). `unreachable`, when given, is the answer while nothing answers at `url`."""
-    try:
-        async with httpx.AsyncClient() as client:
-            text = (await client.get(f"{url}/metrics")).text
-    except httpx.HTTPError:
-        if unreachable is None:
-            raise
-        return unreachable
-    names = (name,) if isinstance(name, str) else name
-    starts = tuple(f"{n}{end}" for n in names for end in (" ", "{"))
-    series = [line for line in text.splitlines() if line.startswith(starts)]
-    return sum((float(line.rsplit(" ", 1)[1]) for line in series), 0.0)
 
 
 async def wait_metric(

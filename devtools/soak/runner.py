@@ -26,12 +26,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.cluster import ROOT, ClusterConfig, LocalCluster, free_port, port_open
 from devtools.lifetime import die_with_parent
+from devtools.metrics import metric
 from devtools.soak import checker
 from devtools.soak.clients import install_node_modules, load_records, make_workers, plan_clients
 from devtools.soak.nemesis import Nemesis
@@ -93,18 +92,12 @@ def proc_sample(pid: int | None) -> dict[str, Any]:
 
 
 async def connected_sessions(cluster: LocalCluster) -> int:
-    """Sessions of every kind open on the socket pods (their `pubsock_connections` gauges)."""
-    total = 0.0
-    async with httpx.AsyncClient(timeout=5) as http:
-        for pod in cluster.sockets:
-            try:
-                text = (await http.get(f"{pod.url}/metrics")).text
-            except httpx.HTTPError:
-                continue  # a pod slow to answer counts none this time
-            for family in text_string_to_metric_families(text):
-                if family.name == "pubsock_connections":
-                    total += sum(sample.value for sample in family.samples)
-    return int(total)
+    """Sessions of every kind open on the socket pods (their `pubsock_connections` gauges); a
+    pod slow to answer counts none this time."""
+    counts = [
+        await metric(pod.url, "pubsock_connections", unreachable=0) for pod in cluster.sockets
+    ]
+    return int(sum(counts))
 
 
 def pod_sample(nemesis: Nemesis) -> list[dict[str, Any]]:

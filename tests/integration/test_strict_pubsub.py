@@ -151,18 +151,19 @@ class Puller:
         got: list[bytes] = []
         async with asyncio.timeout(timeout_s):
             while len(got) < count:
-                response = await self.call.read()
-                assert response is not grpc.aio.EOF
-                got.extend(
-                    m.message.data
-                    for m in response.received_messages
-                    if m.message.ordering_key == key
-                )
-                if ack:
-                    self.requests.put_nowait(
-                        StreamingPullRequest(ack_ids=[m.ack_id for m in response.received_messages])
-                    )
+                got.extend(m.data for m in await self._read(ack) if m.ordering_key == key)
         return got
+
+    async def _read(self, ack: bool) -> list[Any]:
+        """The messages of the stream's next response (of every key), acknowledged on the
+        stream if `ack`."""
+        response = await self.call.read()
+        assert response is not grpc.aio.EOF
+        if ack:
+            self.requests.put_nowait(
+                StreamingPullRequest(ack_ids=[m.ack_id for m in response.received_messages])
+            )
+        return [m.message for m in response.received_messages]
 
     async def take_distinct(self, count: int, key: str, timeout_s: float = 20) -> list[bytes]:
         """Messages of `key` until `count` distinct ones came, each in the place of its first
@@ -182,14 +183,9 @@ class Puller:
         got: dict[str, list[bytes]] = {key: [] for key in last}
         async with asyncio.timeout(timeout_s):
             while any(not got[key] or got[key][-1] != data for key, data in last.items()):
-                response = await self.call.read()
-                assert response is not grpc.aio.EOF
-                for received in response.received_messages:
-                    if received.message.ordering_key in got:
-                        got[received.message.ordering_key].append(received.message.data)
-                self.requests.put_nowait(
-                    StreamingPullRequest(ack_ids=[m.ack_id for m in response.received_messages])
-                )
+                for message in await self._read(ack=True):
+                    if message.ordering_key in got:
+                        got[message.ordering_key].append(message.data)
         return got
 
     def close(self) -> None:
